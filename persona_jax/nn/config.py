@@ -1,0 +1,168 @@
+"""Decoder configuration: one dataclass for the llama, gemma and gemma2 families, plus presets.
+
+The family decides the small architectural switches (activation, norm offset, embedding scale,
+post-norms, soft-capping, alternating sliding windows); sizes are plain fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "gemma", "gemma2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Shapes and switches of a decoder-only transformer.
+
+  Attributes:
+    family: one of `FAMILIES`.
+    vocab_size: rows of the token embedding.
+    num_layers: number of transformer blocks.
+    embed_dim: width of the residual stream (`hidden_size` in Hugging Face).
+    mlp_dim: width of the gated MLP (`intermediate_size`).
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention when smaller than `num_heads`).
+    head_dim: width of one head; independent of `embed_dim` (gemma uses 256 with d=2048).
+    rope_theta: base of the rotary frequencies.
+    rope_scaling: `None` or a dict in Hugging Face's format (only `rope_type='llama3'` is supported).
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: the output projection reuses the token embedding.
+    max_positions: `max_position_embeddings` written on export.
+    sliding_window: gemma2's local-attention window (a query sees keys with `q_pos - k_pos < window`).
+    attn_logit_softcap: gemma2's `tanh` cap on attention logits.
+    final_logit_softcap: gemma2's `tanh` cap on output logits.
+    query_pre_attn_scalar: gemma2 scales queries by `query_pre_attn_scalar ** -0.5` (default head_dim).
+    bos_token_id / eos_token_id / pad_token_id: written on export; `eos_token_id` may be a tuple.
+    dtype: compute dtype (`'float32'` or `'bfloat16'`); parameters are stored in `param_dtype`.
+    remat: rematerialize each block in the backward pass (saves activation memory).
+  """
+
+  family: str
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  rope_scaling: Any = None
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  max_positions: int = 8192
+  sliding_window: int | None = None
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None
+  bos_token_id: int | None = None
+  eos_token_id: Any = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"DecoderConfig.family={self.family!r} is not supported; use one of {FAMILIES}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"DecoderConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+    if self.rope_scaling is not None and dict(self.rope_scaling).get("rope_type", "default") not in (
+        "default", "llama3"):
+      raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r}: only rope_type 'llama3' is supported.")
+    if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static argument)
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+  # Family switches -------------------------------------------------------------------------------
+  @property
+  def activation(self) -> str:
+    return "silu" if self.family == "llama" else "gelu_tanh"
+
+  @property
+  def norm_offset(self) -> float:
+    """Gemma norms multiply by (1 + w); llama by w."""
+    return 0.0 if self.family == "llama" else 1.0
+
+  @property
+  def scale_embeddings(self) -> bool:
+    return self.family in ("gemma", "gemma2")
+
+  @property
+  def post_norms(self) -> bool:
+    return self.family == "gemma2"
+
+  @property
+  def query_scale(self) -> float:
+    scalar = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+    return float(scalar) ** -0.5
+
+  def is_sliding_layer(self, layer: int) -> bool:
+    """Gemma2 alternates local (even layers) and global (odd layers) attention."""
+    return self.family == "gemma2" and self.sliding_window is not None and layer % 2 == 0
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weights_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> "DecoderConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count (embedding counted once when tied)."""
+    attn = self.embed_dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.embed_dim * self.mlp_dim
+    norms = (4 if self.post_norms else 2) * self.embed_dim
+    head = 0 if self.tie_embeddings else self.vocab_size * self.embed_dim
+    return self.vocab_size * self.embed_dim + self.num_layers * (attn + mlp + norms) + self.embed_dim + head
+
+
+# Presets ------------------------------------------------------------------------------------------
+PRESETS: dict[str, DecoderConfig] = {
+    "smollm2_135m": DecoderConfig(
+        family="llama", vocab_size=49152, num_layers=30, embed_dim=576, mlp_dim=1536, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True,
+        max_positions=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "llama3_2_1b": DecoderConfig(
+        family="llama", vocab_size=128256, num_layers=16, embed_dim=2048, mlp_dim=8192, num_heads=32,
+        num_kv_heads=8, head_dim=64, rope_theta=500_000.0, norm_eps=1e-5, tie_embeddings=True,
+        max_positions=131072, bos_token_id=128000, eos_token_id=128001,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "gemma_2b": DecoderConfig(
+        family="gemma", vocab_size=256000, num_layers=18, embed_dim=2048, mlp_dim=16384, num_heads=8,
+        num_kv_heads=1, head_dim=256, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    "gemma2_2b": DecoderConfig(
+        family="gemma2", vocab_size=256000, num_layers=26, embed_dim=2304, mlp_dim=9216, num_heads=8,
+        num_kv_heads=4, head_dim=256, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True,
+        sliding_window=4096, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        query_pre_attn_scalar=256, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # Tiny configs for tests: a few layers, real structural switches.
+    "tiny_llama": DecoderConfig(
+        family="llama", vocab_size=256, num_layers=2, embed_dim=64, mlp_dim=128, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=True),
+    "tiny_gemma": DecoderConfig(
+        family="gemma", vocab_size=256, num_layers=2, embed_dim=64, mlp_dim=128, num_heads=4,
+        num_kv_heads=1, head_dim=32, norm_eps=1e-6, tie_embeddings=True),
+    "tiny_gemma2": DecoderConfig(
+        family="gemma2", vocab_size=256, num_layers=2, embed_dim=64, mlp_dim=128, num_heads=4,
+        num_kv_heads=2, head_dim=32, norm_eps=1e-6, tie_embeddings=True, sliding_window=8,
+        attn_logit_softcap=50.0, final_logit_softcap=30.0, query_pre_attn_scalar=24),
+}
+
+
+def get_config(name: str, **overrides) -> DecoderConfig:
+  """A preset by name, with optional field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown decoder preset {name!r}; known presets: {sorted(PRESETS)}.")
+  return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,36 @@
+"""persona_jax: personalizing large language models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="persona_jax",
+    version="0.1.0",
+    description="JAX/Flax research codebase for personalizing LLMs: cache coprocessor, User-LLM, "
+                "RLPF, CURIO, MiLP on a shared frozen decoder.",
+    packages=find_packages(include=["persona_jax", "persona_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "seqio>=0.0.19",
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",  # TFDS needs it when it prepares a data set
+        "gin-config>=0.5",
+        "absl-py",
+        "numpy",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # Parity and round-trip tests compare against the PyTorch reference implementations.
+        "test": ["pytest>=8", "transformers>=4.46", "torch>=2.4", "peft>=0.13", "accelerate>=0.34",
+                 "gguf>=0.10", "nbclient", "nbformat", "ipykernel"],
+        "gguf": ["gguf>=0.10"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)
