@@ -1,0 +1,259 @@
+"""The cache coprocessor (Liu et al., "Deliberation in Latent Space via Differentiable Cache
+Augmentation", arXiv 2412.17747).
+
+A frozen decoder reads the input and fills its kv cache. A coprocessor of the same architecture reads
+that cache as its prefix, takes `num_latents` trainable soft-token embeddings as input and emits
+`num_latents` latent embeddings (its final, normed hidden states) in one parallel pass. The latents are
+fed to the frozen decoder as input embeddings after the augmentation point, so the decoder computes
+keys and values for them; decoding then goes on as usual.
+
+Variants (the paper's ablations), chosen by `variant`:
+  * "full":        coprocessor initialized from the decoder's weights, all of it trained (default);
+  * "lora":        coprocessor = decoder weights (frozen) + trainable LoRA adapters;
+  * "scratch":     coprocessor randomly initialized, all of it trained;
+  * "pause":       no coprocessor: the soft tokens themselves are inserted ("pause tokens");
+  * "activations": as "full", but the coprocessor reads the decoder's last-layer activations (run
+                   through its own layers) instead of the decoder's kv cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persona_jax.coprocessor import masks
+from persona_jax.nn import Decoder, init_cache, inject_lora
+from persona_jax.nn.layers import logical_param
+
+VARIANTS = ("full", "lora", "scratch", "pause", "activations")
+
+
+class SoftTokens(nnx.Param):
+  """The trainable soft-token embeddings (a Param subtype so filters can name them)."""
+
+
+class CacheCoprocessor(nnx.Module):
+  """Frozen decoder + trainable coprocessor and soft tokens.
+
+  Attributes:
+    decoder: the frozen decoder (never in the optimizer).
+    coprocessor: a `Decoder` of the same config (None for "pause").
+    soft_tokens: `[num_latents, embed]` trainable embeddings.
+  """
+
+  def __init__(self, decoder: Decoder, *, num_latents: int, variant: str = "full",
+               lora_rank: int = 16, seed: int = 0):
+    if variant not in VARIANTS:
+      raise ValueError(f"Unknown coprocessor variant {variant!r}; choose from {VARIANTS}.")
+    if num_latents <= 0:
+      raise ValueError(f"num_latents must be positive, got {num_latents}.")
+    self.variant = variant
+    self.num_latents = num_latents
+    self.decoder = decoder
+    config = decoder.config
+    if variant == "pause":
+      self.coprocessor = nnx.data(None)
+    elif variant == "scratch":
+      self.coprocessor = Decoder(config, rngs=nnx.Rngs(seed + 1))
+    else:
+      self.coprocessor = nnx.clone(decoder)
+      if variant == "lora":
+        inject_lora(self.coprocessor, rank=lora_rank, alpha=lora_rank, seed=seed + 2)
+    # Soft tokens start as embeddings of random vocabulary entries: the right scale for the decoder.
+    rows = jax.random.randint(jax.random.key(seed), (num_latents,), 0, config.vocab_size)
+    self.soft_tokens = logical_param(decoder.embedding[...][rows], (None, "embed"), kind=SoftTokens)
+
+  def trainable_filter(self):
+    """The nnx filter of what this variant trains."""
+    if self.variant == "lora":
+      return nnx.Any(nnx.LoRAParam, SoftTokens)
+    if self.variant == "pause":
+      return SoftTokens
+    return nnx.Any(nnx.PathContains("coprocessor"), SoftTokens)
+
+  # Pieces ---------------------------------------------------------------------------------------
+  def _as_input_embeddings(self, x: jax.Array) -> jax.Array:
+    """Undo the sqrt(d) scale gemma applies to input embeddings (latents are already in-stream)."""
+    config = self.decoder.config
+    return x / jnp.asarray(config.embed_dim ** 0.5, x.dtype) if config.scale_embeddings else x
+
+  def latents_from_cache(self, cache, visible_originals: jax.Array, latent_positions: jax.Array,
+                         cache_size: int, originals_hidden: jax.Array | None = None,
+                         originals_mask: jax.Array | None = None,
+                         originals_positions: jax.Array | None = None) -> jax.Array:
+    """Runs the coprocessor for K traces at once.
+
+    Args:
+      cache: the frozen decoder's kv cache holding the T originals (length T).
+      visible_originals: `[batch, K, T]` which originals each trace may see.
+      latent_positions: `[batch, K * num_latents]` rotary positions of the latents.
+      cache_size: key slots of `cache`.
+      originals_hidden: `[batch, T, embed]` decoder last-layer activations ("activations" variant).
+      originals_mask: `[batch, T, T]` the originals' own (packed-causal) mask ("activations").
+      originals_positions: `[batch, T]` the originals' rotary positions ("activations").
+    Returns:
+      latents `[batch, K * num_latents, embed]` (input embeddings for the decoder).
+    """
+    batch, num_traces, seq = visible_originals.shape
+    count = num_traces * self.num_latents
+    soft = jnp.broadcast_to(self.soft_tokens[...], (batch, num_traces) + self.soft_tokens.shape)
+    soft = soft.reshape(batch, count, -1)
+    if self.coprocessor is None:  # pause tokens
+      return soft
+    mask = masks.trace_group_mask(visible_originals, self.num_latents, cache_size)
+    if self.variant == "activations":
+      # The coprocessor re-reads the decoder's last-layer activations through its own layers instead
+      # of receiving the decoder's kv cache.
+      prefix = self._as_input_embeddings(self.decoder.final_norm(originals_hidden))
+      inputs = jnp.concatenate([prefix, soft.astype(prefix.dtype)], axis=1)
+      prefix_mask = jnp.pad(originals_mask, ((0, 0), (0, 0), (0, count)))
+      full_mask = jnp.concatenate([prefix_mask, mask[:, :, : seq + count]], axis=1)
+      positions = jnp.concatenate([originals_positions, latent_positions], axis=1)
+      hidden = self.coprocessor(embeddings=inputs, positions=positions, attention_mask=full_mask,
+                                return_logits=False).hidden[:, seq:]
+    else:
+      hidden = self.coprocessor(embeddings=soft, positions=latent_positions, attention_mask=mask,
+                                cache=cache, return_logits=False).hidden
+    return self._as_input_embeddings(self.coprocessor.final_norm(hidden))
+
+  # Training-time forward ------------------------------------------------------------------------
+  def forward_traces(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                     trace_positions: jax.Array, ahead_tokens: int,
+                     with_baseline: bool = False) -> dict[str, jax.Array]:
+    """All K traces of every row in one pass.
+
+    Args:
+      tokens, segment_ids, positions: `[batch, T]` (packed or not; segment 0 is padding).
+      trace_positions: `[batch, K]` augmentation points p (see `masks.sample_trace_positions`).
+      ahead_tokens: N_A, the tokens after p whose loss is measured.
+      with_baseline: also return the frozen decoder's own NLL of the same tokens (no augmentation).
+    Returns:
+      dict with `nll` `[batch, K, N_A]` fp32 (NLL of token p+i given the augmented cache, i=1..N_A)
+      and, with_baseline, `baseline_nll` of the same shape.
+    """
+    originals = self.encode_originals(tokens, segment_ids, positions,
+                                      num_traces=trace_positions.shape[1], ahead_tokens=ahead_tokens)
+    return self.augmented_nll(originals, tokens, segment_ids, positions, trace_positions,
+                              ahead_tokens, with_baseline=with_baseline)
+
+  def encode_originals(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
+                       num_traces: int, ahead_tokens: int) -> dict:
+    """The frozen decoder over the originals, with room in its cache for K trace groups.
+
+    Returns a dict with `cache` (length T, size T + K * group) and `hidden` `[batch, T, embed]`
+    (last-layer activations before the final norm), both without gradient.
+    """
+    batch, seq = tokens.shape
+    cache_size = seq + num_traces * (self.num_latents + ahead_tokens - 1)
+    cache = init_cache(self.decoder.config, batch, cache_size)
+    out = self.decoder(tokens, positions=positions,
+                       attention_mask=masks.original_tokens_mask(segment_ids, cache_size),
+                       cache=cache, return_logits=False)
+    return {"cache": jax.lax.stop_gradient(out.cache), "hidden": jax.lax.stop_gradient(out.hidden)}
+
+  def augmented_nll(self, originals: dict, tokens: jax.Array, segment_ids: jax.Array,
+                    positions: jax.Array, trace_positions: jax.Array, ahead_tokens: int,
+                    with_baseline: bool = False) -> dict[str, jax.Array]:
+    """Coprocessor + decoder over all trace groups, reading the originals' cache (see forward_traces)."""
+    batch, seq = tokens.shape
+    num_traces = trace_positions.shape[1]
+    num_latents = self.num_latents
+    group = num_latents + ahead_tokens - 1  # latents, then ahead tokens 1..N_A-1 teacher-forced
+    cache, originals_hidden = originals["cache"], originals["hidden"]
+    cache_size = cache[0]["k"].shape[1]
+    if cache_size != seq + num_traces * group:
+      raise ValueError(f"The originals' cache has {cache_size} slots; expected "
+                       f"{seq} + {num_traces} x {group} (encode_originals with the same K and N_A).")
+
+    visible = masks.original_visibility(segment_ids, trace_positions)  # [B, K, T]
+    trace_start = jnp.take_along_axis(positions, trace_positions, axis=1)  # rotary position of p
+    latent_positions = (trace_start[:, :, None] + 1 + jnp.arange(num_latents)).reshape(batch, -1)
+
+    # The coprocessor: K x num_latents latents.
+    latents = self.latents_from_cache(
+        cache, visible, latent_positions, cache_size, originals_hidden,
+        originals_mask=masks.original_tokens_mask(segment_ids, seq), originals_positions=positions)
+
+    # The decoder again, on [latents, ahead tokens] per trace, reading the same original cache.
+    offsets = jnp.arange(1, ahead_tokens + 1)
+    target_index = jnp.minimum(trace_positions[:, :, None] + offsets, seq - 1)  # [B, K, N_A]
+    targets = jnp.take_along_axis(tokens, target_index.reshape(batch, -1), axis=1).reshape(
+        batch, num_traces, ahead_tokens)
+    ahead_inputs = self.decoder.embed(targets[:, :, :-1])  # [B, K, N_A - 1, E]
+    inputs = jnp.concatenate(
+        [latents.reshape(batch, num_traces, num_latents, -1).astype(ahead_inputs.dtype), ahead_inputs],
+        axis=2).reshape(batch, num_traces * group, -1)
+    group_positions = (trace_start[:, :, None] + 1 + jnp.arange(group)).reshape(batch, -1)
+    second = self.decoder(embeddings=inputs, positions=group_positions,
+                          attention_mask=masks.trace_group_mask(visible, group, cache_size),
+                          cache=cache, return_logits=False)
+    # The last latent predicts p+1; ahead token p+i predicts p+i+1.
+    hidden = second.hidden.reshape(batch, num_traces, group, -1)[:, :, num_latents - 1:]
+    logits = self.decoder.logits(hidden)  # [B, K, N_A, V]
+    result = {"nll": token_nll(logits, targets)}
+    if with_baseline:
+      # The decoder's own prediction of p+i comes from original position p+i-1.
+      source = jnp.minimum(trace_positions[:, :, None] + offsets - 1, seq - 1).reshape(batch, -1)
+      source_hidden = jnp.take_along_axis(originals_hidden, source[:, :, None], axis=1)
+      baseline_logits = self.decoder.logits(source_hidden).reshape(
+          batch, num_traces, ahead_tokens, -1)
+      result["baseline_nll"] = jax.lax.stop_gradient(token_nll(baseline_logits, targets))
+    return result
+
+  # Inference ------------------------------------------------------------------------------------
+  def augment_cache(self, cache, key_valid: jax.Array, next_positions: jax.Array):
+    """Appends latents at the end of a prefilled prompt (all rows end at the cache's `length`).
+
+    Args:
+      cache: the frozen decoder's cache after prefilling the prompt (left-padded rows).
+      key_valid: `[batch, cache_size]` real (non-padding) filled slots.
+      next_positions: `[batch]` rotary position of the next token of each row.
+    Returns:
+      (cache, key_valid, next_positions, last_logits): the cache now holds the latents' keys/values;
+      `last_logits` `[batch, vocab]` are the decoder's logits after the last latent (they predict the
+      first token after the prompt).
+    """
+    batch, cache_size = key_valid.shape
+    length = cache[0]["length"]
+    num_latents = self.num_latents
+    filled = jnp.arange(cache_size)[None, :] < length
+    visible = (key_valid & filled)[:, None, :]  # one trace: everything in the prompt
+    latent_positions = next_positions[:, None] + jnp.arange(num_latents)
+    # Visibility over the full cache buffer: the group starts at `length`, not at a fixed T.
+    group_mask = _appended_group_mask(visible[:, 0], length, num_latents, cache_size)
+    if self.coprocessor is None:
+      latents = jnp.broadcast_to(self.soft_tokens[...], (batch,) + self.soft_tokens.shape)
+    elif self.variant == "activations":
+      raise ValueError("augment_cache: the 'activations' variant needs the prompt's activations; "
+                       "use forward_traces or prefill with return of hidden states.")
+    else:
+      hidden = self.coprocessor(embeddings=jnp.broadcast_to(self.soft_tokens[...], (batch,) +
+                                                            self.soft_tokens.shape),
+                                positions=latent_positions, attention_mask=group_mask, cache=cache,
+                                return_logits=False).hidden
+      latents = self._as_input_embeddings(self.coprocessor.final_norm(hidden))
+    out = self.decoder(embeddings=latents, positions=latent_positions, attention_mask=group_mask,
+                       cache=cache, return_logits=False)
+    new_valid = key_valid | ((jnp.arange(cache_size)[None, :] >= length) &
+                             (jnp.arange(cache_size)[None, :] < length + num_latents))
+    last_logits = self.decoder.logits(out.hidden[:, -1])
+    return out.cache, new_valid, next_positions + num_latents, last_logits
+
+
+def _appended_group_mask(visible_prefix: jax.Array, start, group_size: int,
+                         cache_size: int) -> jax.Array:
+  """`[batch, group, cache]`: a group written at slot `start` sees the visible prefix and itself causally."""
+  slots = jnp.arange(cache_size)
+  query_slots = start + jnp.arange(group_size)
+  own = (slots[None, :] >= start) & (slots[None, :] <= query_slots[:, None])
+  prefix = visible_prefix[:, None, :] & (slots[None, None, :] < start)
+  return prefix | own[None]
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Negative log-likelihood in fp32: `logits [..., V]`, `targets [...]` -> `[...]`."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
