@@ -60,8 +60,17 @@ class CacheCoprocessor(nnx.Module):
       self.coprocessor = Decoder(config, rngs=nnx.Rngs(seed + 1))
     else:
       self.coprocessor = nnx.clone(decoder)
+      # Own buffers: the trainer donates trainable state, which must not alias the frozen decoder's.
+      nnx.update(self.coprocessor, jax.tree.map(jnp.copy, nnx.state(self.coprocessor)))
       if variant == "lora":
         inject_lora(self.coprocessor, rank=lora_rank, alpha=lora_rank, seed=seed + 2)
+    # Latents leave the coprocessor through its final norm (RMS ~ the norm's scale) but enter the
+    # decoder as input embeddings, whose rows are much smaller (17x for SmolLM2). A fixed factor maps
+    # one scale onto the other, so at step 0 a latent looks like a token embedding: with tied
+    # embeddings, the embedding of what the coprocessor predicts next.
+    embedding_rms = float(jnp.sqrt(jnp.mean(jnp.square(decoder.embedding[...].astype(jnp.float32)))))
+    norm_scale = decoder.final_norm.offset + decoder.final_norm.scale[...].astype(jnp.float32)
+    self.latent_scale = embedding_rms / float(jnp.sqrt(jnp.mean(jnp.square(norm_scale))))
     # Soft tokens start as embeddings of random vocabulary entries: the right scale for the decoder.
     rows = jax.random.randint(jax.random.key(seed), (num_latents,), 0, config.vocab_size)
     self.soft_tokens = logical_param(decoder.embedding[...][rows], (None, "embed"), kind=SoftTokens)
@@ -75,9 +84,13 @@ class CacheCoprocessor(nnx.Module):
     return nnx.Any(nnx.PathContains("coprocessor"), SoftTokens)
 
   # Pieces ---------------------------------------------------------------------------------------
-  def _as_input_embeddings(self, x: jax.Array) -> jax.Array:
-    """Undo the sqrt(d) scale gemma applies to input embeddings (latents are already in-stream)."""
+  def _as_input_embeddings(self, normed: jax.Array) -> jax.Array:
+    """Final-normed hidden states -> decoder input embeddings (embedding-table scale).
+
+    Also undoes the sqrt(d) factor gemma applies to every input embedding.
+    """
     config = self.decoder.config
+    x = normed * jnp.asarray(self.latent_scale, normed.dtype)
     return x / jnp.asarray(config.embed_dim ** 0.5, x.dtype) if config.scale_embeddings else x
 
   def latents_from_cache(self, cache, visible_originals: jax.Array, latent_positions: jax.Array,

@@ -1,0 +1,12 @@
+"""Hugging Face and GGUF interop: table-driven import and export of pretrained decoders.
+
+  pretrained = load_pretrained("smollm2-135m-instruct")   # or an HF dir, a hub id, a .gguf file
+  save_pretrained(pretrained.decoder, "out/", tokenizer=pretrained.tokenizer)
+"""
+
+from persona_jax.hf.pretrained import (SHORT_NAMES, Pretrained, load_pretrained, load_tokenizer,
+                                       resolve_source, save_pretrained, tensor_names)
+from persona_jax.hf.tokenizer import apply_chat_template
+
+__all__ = ["SHORT_NAMES", "Pretrained", "apply_chat_template", "load_pretrained", "load_tokenizer",
+           "resolve_source", "save_pretrained", "tensor_names"]
