@@ -81,7 +81,10 @@ class CacheCoprocessor(nnx.Module):
       return nnx.Any(nnx.LoRAParam, SoftTokens)
     if self.variant == "pause":
       return SoftTokens
-    return nnx.Any(nnx.PathContains("coprocessor"), SoftTokens)
+    # The coprocessor reads soft-token embeddings and emits hidden states: its token embedding table
+    # (and tied output projection) is never used, so it stays out of the optimizer.
+    return nnx.Any(nnx.All(nnx.PathContains("coprocessor"), nnx.Not(nnx.PathContains("embedding"))),
+                   SoftTokens)
 
   # Pieces ---------------------------------------------------------------------------------------
   def _as_input_embeddings(self, normed: jax.Array) -> jax.Array:

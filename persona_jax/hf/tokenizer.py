@@ -158,6 +158,7 @@ def apply_chat_template(chat_template: str, messages: Sequence[dict[str, Any]],
   `add_generation_prompt`, the special tokens, plus any `template_kwargs` (e.g. `tools`).
   """
   import jinja2  # pylint: disable=g-import-not-at-top
+  import jinja2.ext  # pylint: disable=g-import-not-at-top  (loopcontrols; not loaded by `import jinja2`)
   from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
 
   if not chat_template:
