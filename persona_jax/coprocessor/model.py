@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persona_jax import sampling
 from persona_jax.coprocessor import masks
 from persona_jax.nn import Decoder, init_cache, inject_lora
 from persona_jax.nn.layers import logical_param
@@ -273,3 +274,40 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Negative log-likelihood in fp32: `logits [..., V]`, `targets [...]` -> `[...]`."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+@nnx.jit
+def _augment(model: CacheCoprocessor, state: sampling.PrefillState) -> sampling.PrefillState:
+  cache, key_valid, next_positions, logits = model.augment_cache(state.cache, state.key_valid,
+                                                                 state.next_positions)
+  return sampling.PrefillState(cache=cache, logits=logits, key_valid=key_valid,
+                               next_positions=next_positions)
+
+
+def generate(model: CacheCoprocessor, prompts, *, max_new_tokens: int, augment: bool = True,
+             **sampling_options) -> sampling.GenerateResult:
+  """Generates after each prompt, with the cache augmented once at the prompt's end.
+
+  Args:
+    model: the trained coprocessor (its frozen decoder generates).
+    prompts: token-id lists (any lengths; left-padded here).
+    max_new_tokens: tokens to generate per row.
+    augment: False decodes with the unchanged decoder (the coprocessor is optional at inference).
+    sampling_options: `persona_jax.sampling.decode` options (temperature, top_k, top_p, rng,
+      stop_tokens, pad_id).
+  """
+  config = model.decoder.config
+  pad_id = sampling_options.get("pad_id")
+  if pad_id is None:
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+  if sampling_options.get("stop_tokens") is None:
+    eos = config.eos_token_id
+    sampling_options["stop_tokens"] = () if eos is None else (
+        (eos,) if isinstance(eos, int) else tuple(eos))
+  tokens, mask = sampling.pad_prompts(prompts, pad_id=pad_id, length_multiple=16)
+  extra = model.num_latents if augment else 0
+  max_len = sampling.round_up(tokens.shape[1] + extra + max_new_tokens, 64)
+  state = sampling.prefill(model.decoder, tokens, mask, max_len)
+  if augment:
+    state = _augment(model, state)
+  return sampling.decode(model.decoder, state, max_new_tokens=max_new_tokens, **sampling_options)

@@ -184,3 +184,26 @@ def test_trace_position_sampling():
     p, v = masks.sample_trace_positions(jax.random.key(seed), segment_ids[:1], 2, 3)
     counts[np.asarray(p[0])] += 1
   assert counts[ok[0]].min() > 0.5 * counts[ok[0]].mean()
+
+
+def test_generate_augments_once_then_decodes():
+  from persona_jax import sampling
+  from persona_jax.coprocessor import generate
+
+  model = _model("tiny_llama", "full")
+  prompts = [[5, 9, 17, 3, 8, 1, 4], [7, 2, 11]]
+  plain = generate(model, prompts, max_new_tokens=5, augment=False, stop_tokens=())
+  reference = sampling.generate(model.decoder, prompts, max_new_tokens=5, stop_tokens=())
+  np.testing.assert_array_equal(plain.tokens, reference.tokens)  # no coprocessor: decoder unchanged
+
+  augmented = generate(model, prompts, max_new_tokens=5, stop_tokens=())
+  # Its first token is the argmax after the last latent, as augment_cache computes it directly.
+  for row, prompt in enumerate(prompts):
+    length = len(prompt)
+    cache = init_cache(model.decoder.config, 1, 32)
+    valid = jnp.arange(32)[None] < length
+    prefilled = model.decoder(jnp.asarray([prompt]), attention_mask=cache_mask(valid, length, 0),
+                              cache=cache)
+    _, _, _, logits = model.augment_cache(prefilled.cache, valid, jnp.array([length]))
+    assert int(augmented.tokens[row, 0]) == int(jnp.argmax(logits[0]))
+  assert not np.array_equal(augmented.tokens, plain.tokens)

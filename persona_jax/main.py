@@ -1,0 +1,175 @@
+"""The one entry point: parse gin, write the config into the workdir, run the configured job.
+
+  python -m persona_jax.main --gin_file=gin/pretrain.gin --workdir=/tmp/run \
+      --gin_bindings='TrainConfig.num_steps=10'
+
+A job is any gin-configurable function `job(workdir: str)`; a gin file selects it with
+`run.job = @pretrain.train` (or `@coprocessor.train`, ...). Method rooms register their jobs by
+decorating them with `@gin.configurable("train", module="<room>")` in `persona_jax/<room>/train.py`
+(or `eval.py`); main imports those modules when they exist (`JOB_MODULES`), and a gin file can also
+`import` any other module itself.
+
+User errors (a missing gin file, an unknown binding, an unwritable workdir, data that is not prepared,
+a bad config value) print one message naming the fix and exit with status 1; `--traceback` shows the
+full traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging as std_logging
+import os
+import pathlib
+import sys
+
+import gin
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order (repeatable).")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'TrainConfig.num_steps=10' (repeatable).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.gin.")
+flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors too.")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Modules whose import registers gin jobs; a missing method room is skipped, a broken one fails loudly.
+JOB_MODULES = (
+    "persona_jax.train.pretrain",
+    "persona_jax.coprocessor.train", "persona_jax.coprocessor.eval",
+    "persona_jax.user_llm.train", "persona_jax.user_llm.eval",
+    "persona_jax.rlpf.train", "persona_jax.rlpf.eval",
+    "persona_jax.curio.train", "persona_jax.curio.eval",
+    "persona_jax.milp.train", "persona_jax.milp.eval",
+)
+
+
+class UserError(Exception):
+  """An error the user fixes by changing a flag, a file or a binding (no traceback needed)."""
+
+
+def _module_exists(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is not None
+  except ModuleNotFoundError:  # a parent package is missing
+    return False
+
+
+def import_job_modules() -> None:
+  for name in JOB_MODULES:
+    if _module_exists(name):
+      importlib.import_module(name)
+
+
+@gin.configurable("run")
+def run(workdir: str, job=gin.REQUIRED):
+  """Runs `job(workdir=...)`; bind `run.job = @pretrain.train` (or another registered job)."""
+  return job(workdir=workdir)
+
+
+def resolve_gin_file(path: str) -> str:
+  """A gin file as given, or relative to the repository root (so `gin/pretrain.gin` works anywhere)."""
+  candidates = [pathlib.Path(path), REPO_ROOT / path]
+  for candidate in candidates:
+    if candidate.is_file():
+      return str(candidate.resolve())
+  raise UserError(f"--gin_file={path}: file not found (looked in {os.getcwd()} and {REPO_ROOT}). "
+                  "Fix the path, e.g. --gin_file=gin/pretrain.gin.")
+
+
+def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
+  files = [resolve_gin_file(f) for f in gin_files]
+  gin.add_config_file_search_path(str(REPO_ROOT / "gin"))
+  gin.add_config_file_search_path(str(REPO_ROOT))
+  try:
+    gin.parse_config_files_and_bindings(files, gin_bindings, finalize_config=False)
+  except (ValueError, KeyError, SyntaxError, OSError, ImportError) as error:
+    message = str(error).strip()
+    raise UserError(f"Gin config could not be applied: {message}\nFix the binding or gin file named "
+                    "above (check the configurable's name and its argument; a method's configurables "
+                    "exist only once its module is imported).") from error
+  if not _has_binding("run.job"):
+    raise UserError("No job selected: bind one, e.g. --gin_bindings='run.job = @pretrain.train' or "
+                    "--gin_file=gin/pretrain.gin.")
+
+
+def _has_binding(name: str) -> bool:
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False
+
+
+def prepare_workdir(workdir: str | None) -> str:
+  if not workdir:
+    raise UserError("--workdir is required: the directory for checkpoints, events and config.gin.")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  probe = os.path.join(workdir, ".write_test")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as error:
+    raise UserError(f"--workdir={workdir} cannot be written ({error.strerror or error}). Fix: choose a "
+                    "directory you can create and write to.") from error
+  return workdir
+
+
+def write_config(workdir: str, text: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+      f.write(text)
+
+
+# Exceptions that come from bad flags, files, bindings or data rather than from bugs.
+USER_ERROR_TYPES = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+                    FloatingPointError)
+
+
+def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None):
+  """Everything `main` does, callable from Python (tests, notebooks)."""
+  from persona_jax.train.partitioning import maybe_initialize_distributed  # pylint: disable=g-import-not-at-top
+
+  workdir = prepare_workdir(workdir)
+  maybe_initialize_distributed()
+  import_job_modules()
+  parse_gin(gin_files, gin_bindings)
+  write_config(workdir, gin.config_str())  # what was asked for; replaced by the operative one below
+  with gin.unlock_config():
+    result = run(workdir)
+  write_config(workdir, gin.operative_config_str())
+  return result
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of Orbax (dozens of lines per checkpoint); warnings and errors still pass."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}: use --gin_file / --gin_bindings / --workdir.")
+  try:
+    run_main(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+  except USER_ERROR_TYPES as error:
+    if FLAGS.traceback:
+      raise
+    logging.error("%s", error)
+    print(f"error: {type(error).__name__}: {error}\n(run with --traceback for the full traceback)",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def entry_point():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry_point()

@@ -1,0 +1,531 @@
+"""A generic, sharded train loop over any method's loss function and trainable filter.
+
+A method supplies:
+  * `model`: an `nnx.Module` (the decoder, or a method model that contains it);
+  * `loss_fn(model, batch, rng) -> (scalar loss, {name: scalar metric})`, traced inside jit;
+  * `trainable`: an NNX filter (`nnx.Param`, `nnx.LoRAParam`, a path filter, `nnx.All(...)`); the rest of
+    the model's state is frozen: it is neither differentiated, nor in the optimizer, nor checkpointed;
+  * a training data iterator yielding `{name: np.ndarray [global_batch, ...]}` with `get_state()` /
+    `set_state(state)` (JSON-able dicts) so a resumed run continues exactly where it stopped.
+
+The model is split once into `graphdef` + trainable state + frozen state. The step is one pure jitted
+function `(TrainState, frozen, batch) -> (TrainState, metrics)` with explicit in/out shardings and the
+train state donated; gradients are accumulated over microbatches with `lax.scan`, so there is one
+optimizer update per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from persona_jax.train import partitioning
+from persona_jax.train.checkpointing import Checkpointer
+from persona_jax.train.metrics import MetricsWriter, ProgressLine
+from persona_jax.train.optim import make_optimizer
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+class DataIterator(Protocol):
+  """What the loop needs from a training data source (persona_jax.data's iterators satisfy it)."""
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+
+  def get_state(self) -> dict: ...
+
+  def set_state(self, state: dict) -> None: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN/Inf; the bad state was not saved."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything the loop itself needs (model and data are the job's business).
+
+  Attributes:
+    num_steps: optimizer updates in the whole run (a resumed run continues up to it).
+    learning_rate: peak learning rate; warmup from 0 over `warmup_steps`, cosine decay to
+      `learning_rate * final_learning_rate_fraction` at `num_steps`.
+    weight_decay / b1 / b2 / eps: AdamW (decay applies to matrices only).
+    max_grad_norm: global-norm clipping threshold (<= 0 or None disables it).
+    num_microbatches: the global batch is split into this many microbatches whose gradients are
+      averaged (each microbatch's mean loss counts equally) before one update.
+    compute_dtype: e.g. 'bfloat16': parameters are cast to it for the forward and backward pass while
+      the fp32 master copy is what the optimizer updates. None: use the parameters as stored.
+    mesh_data / mesh_fsdp / mesh_tensor: mesh shape (-1 takes the remaining devices).
+    checkpoint_every: save every this many steps (and always at the end); 0 saves only at the end.
+    keep_checkpoints: how many recent checkpoints to keep.
+    async_checkpointing: write checkpoints in the background.
+    eval_every: run evaluation every this many steps (and at the end); 0 disables periodic eval.
+    num_eval_batches: batches per evaluation (None: until the eval iterator ends).
+    log_every: console progress line / TensorBoard every this many steps.
+    seed: the RNG seed of the loss function's `rng` argument.
+  """
+
+  num_steps: int = 100
+  learning_rate: float = 1e-3
+  warmup_steps: int = 10
+  final_learning_rate_fraction: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  max_grad_norm: float | None = 1.0
+  num_microbatches: int = 1
+  compute_dtype: str | None = None
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  mesh_tensor: int = 1
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpointing: bool = True
+  eval_every: int = 0
+  num_eval_batches: int | None = None
+  log_every: int = 10
+  seed: int = 0
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return make_optimizer(
+        learning_rate=self.learning_rate, num_steps=self.num_steps, warmup_steps=self.warmup_steps,
+        final_learning_rate_fraction=self.final_learning_rate_fraction,
+        weight_decay=self.weight_decay, b1=self.b1, b2=self.b2, eps=self.eps,
+        max_grad_norm=self.max_grad_norm)
+
+  def mesh(self) -> Mesh:
+    return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_tensor)
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What changes during training (and what a checkpoint holds).
+
+  step: int32 scalar, completed optimizer updates.
+  params: trainable parameters as a pure nested dict (`nnx.State.to_pure_dict()` layout).
+  opt_state: optax state over `params` only.
+  rng: uint32 `[2]` key; split once per step.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state", "rng"],
+                                 meta_fields=[])
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `Trainer.train` returns."""
+  step: int
+  metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+  preempted: bool = False
+  history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def _cast_floating(tree, dtype):
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _tokens_in(batch: dict[str, np.ndarray]) -> int:
+  if "decoder_input_tokens" in batch:
+    return int(np.prod(np.shape(batch["decoder_input_tokens"])))
+  first = np.shape(next(iter(batch.values())))
+  return int(np.prod(first[:2]))
+
+
+class _SigtermFlag:
+  """Sets a flag on SIGTERM (TPU VM preemption notice); the loop checks it after every step."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after the current step, then exiting.")
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+  """Trains the `trainable` part of `model` with `loss_fn`.
+
+  Usage:
+    trainer = Trainer(model, loss_fn, TrainConfig(num_steps=1000), trainable=nnx.LoRAParam,
+                      workdir="/tmp/run", checkpoint_metadata={"base": "hf:HuggingFaceTB/SmolLM2-135M"})
+    result = trainer.train(train_iterator, eval_batches=lambda: make_eval_iterator())
+    model = trainer.model()  # the trained model (trainable state written back)
+  """
+
+  def __init__(self, model: nnx.Module, loss_fn: LossFn, config: TrainConfig | None = None, *,
+               trainable: Any = nnx.Param, workdir: str | None = None, mesh: Mesh | None = None,
+               checkpoint_metadata: dict | None = None, process_local_batches: bool = False,
+               rules=partitioning.LOGICAL_AXIS_RULES):
+    self.config = config or TrainConfig()
+    self.loss_fn = loss_fn
+    self.workdir = workdir
+    self.mesh = mesh if mesh is not None else self.config.mesh()
+    self.rules = rules
+    self.process_local_batches = process_local_batches
+    self.checkpoint_metadata = dict(checkpoint_metadata or {})
+    self.tx = self.config.optimizer()
+
+    graphdef, trainable_state, frozen_state = nnx.split(model, trainable, ...)
+    if not jax.tree.leaves(trainable_state):
+      raise ValueError(f"The trainable filter {trainable!r} selects no parameters of "
+                       f"{type(model).__name__}: nothing to train.")
+    self.graphdef = graphdef
+    self.trainable_filter = trainable
+    self.param_shardings = partitioning.state_shardings(trainable_state, self.mesh, rules)
+    self.frozen_shardings = partitioning.state_shardings(frozen_state, self.mesh, rules)
+    # A copy (never an alias): the train state is donated to the step, and the caller's module must
+    # keep its arrays. (device_put may hand back the caller's buffer for a shard that already sits on
+    # the right device, so copy explicitly.)
+    params = jax.tree.map(jnp.copy, jax.device_put(trainable_state.to_pure_dict(), self.param_shardings))
+    self.frozen = jax.device_put(frozen_state.to_pure_dict(), self.frozen_shardings)
+
+    abstract_opt_state = jax.eval_shape(self.tx.init, params)
+    opt_shardings = partitioning.optimizer_state_shardings(
+        self.tx, self.param_shardings, abstract_opt_state, self.mesh)
+    replicated = partitioning.replicated(self.mesh)
+    self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
+                                      opt_state=opt_shardings, rng=replicated)
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+    self.state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.PRNGKey(self.config.seed), replicated))
+    self._compiled_step = None
+    self._compiled_eval = None
+    self._batch_spec = None
+
+  # The pure step --------------------------------------------------------------------------------
+  def _forward_loss(self, params, frozen, batch, rng):
+    if self.config.compute_dtype is not None:
+      dtype = jnp.dtype(self.config.compute_dtype)
+      params, frozen = _cast_floating(params, dtype), _cast_floating(frozen, dtype)
+    model = nnx.merge(self.graphdef, params, frozen)
+    loss, metrics = self.loss_fn(model, batch, rng)
+    return loss.astype(jnp.float32), metrics
+
+  def _train_step(self, state: TrainState, frozen, batch):
+    num_micro = self.config.num_microbatches
+    rng, step_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(self._forward_loss, has_aux=True)
+
+    if num_micro == 1:
+      (loss, metrics), grads = grad_fn(state.params, frozen, batch, step_rng)
+    else:
+      # Microbatch m takes rows m, m + M, m + 2M, ...: every device's contiguous slice of the batch
+      # contributes to every microbatch, so no data moves between devices.
+      def split(x):
+        x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+      micro_batches = jax.tree.map(split, batch)
+      zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (_, zero_metrics), _ = jax.eval_shape(grad_fn, state.params, frozen,
+                                            jax.tree.map(lambda x: x[0], micro_batches), step_rng)
+      zero_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), zero_metrics)
+
+      def accumulate(carry, inputs):
+        grad_sum, loss_sum, metric_sum = carry
+        micro_batch, micro_rng = inputs
+        (loss, metrics), grads = grad_fn(state.params, frozen, micro_batch, micro_rng)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        metric_sum = jax.tree.map(lambda a, m: a + m.astype(jnp.float32), metric_sum, metrics)
+        return (grad_sum, loss_sum + loss, metric_sum), None
+
+      micro_rngs = jax.random.split(step_rng, num_micro)
+      (grad_sum, loss_sum, metric_sum), _ = jax.lax.scan(
+          accumulate, (zero_grads, jnp.zeros((), jnp.float32), zero_metrics),
+          (micro_batches, micro_rngs))
+      grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype), grad_sum, state.params)
+      loss = loss_sum / num_micro
+      metrics = jax.tree.map(lambda m: m / num_micro, metric_sum)
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+    metrics.update(loss=loss, grad_norm=grad_norm)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+  def _eval_step(self, params, frozen, batch):
+    _, metrics = self._forward_loss(params, frozen, batch, jax.random.PRNGKey(0))
+    return {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
+
+  def _global_rows(self, rows: int) -> int:
+    return rows * jax.process_count() if self.process_local_batches else rows
+
+  def _device_batch(self, batch):
+    return partitioning.global_batch(batch, self.mesh, self.rules, self.process_local_batches)
+
+  def _batch_shardings(self, batch):
+    return {k: partitioning.batch_sharding(self.mesh, np.ndim(v), self._global_rows(np.shape(v)[0]),
+                                           self.rules)
+            for k, v in batch.items()}
+
+  def compile(self, batch: dict[str, np.ndarray]):
+    """Lowers and compiles the step for this batch shape; prints the compile-time memory analysis."""
+    num_micro = self.config.num_microbatches
+    for name, value in batch.items():
+      if self._global_rows(np.shape(value)[0]) % num_micro:
+        raise ValueError(f"Batch feature {name!r} has {np.shape(value)[0]} rows, not a multiple of "
+                         f"TrainConfig.num_microbatches={num_micro}.")
+    batch_shardings = self._batch_shardings(batch)
+    replicated = partitioning.replicated(self.mesh)
+    jitted = jax.jit(self._train_step,
+                     in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                     out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((self._global_rows(np.shape(v)[0]),) + np.shape(v)[1:],
+                                np.asarray(v).dtype, sharding=batch_shardings[k])
+        for k, v in batch.items()}
+    started = time.time()
+    compiled = jitted.lower(self.state, self.frozen, abstract_batch).compile()
+    logging.info("Train step compiled in %.1f s.", time.time() - started)
+    self._report_memory(compiled)
+    self._compiled_step = compiled
+    self._batch_spec = {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+    return compiled
+
+  @staticmethod
+  def _report_memory(compiled) -> None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+      logging.info("Compile-time memory analysis: not available on this backend.")
+      return
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"
+    fields = [("arguments", "argument_size_in_bytes"), ("outputs", "output_size_in_bytes"),
+              ("aliased (donated)", "alias_size_in_bytes"), ("temporaries", "temp_size_in_bytes"),
+              ("generated code", "generated_code_size_in_bytes")]
+    parts = [f"{label} {mib(getattr(analysis, attr))}" for label, attr in fields
+             if getattr(analysis, attr, None) is not None]
+    message = "Compile-time memory analysis of the train step (per device): " + ", ".join(parts)
+    logging.info(message)
+    if jax.process_index() == 0:
+      print(message, flush=True)
+
+  def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """One optimizer update on a host batch; returns device metrics (not yet fetched)."""
+    if self._compiled_step is None or self._batch_spec != {
+        k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}:
+      self.compile(batch)
+    device_batch = self._device_batch(batch)
+    self.state, metrics = self._compiled_step(self.state, self.frozen, device_batch)
+    return metrics
+
+  def evaluate(self, batches: Iterable[dict[str, np.ndarray]],
+               num_batches: int | None = None) -> dict[str, float]:
+    """Mean of the loss function's metrics over `batches` (no gradients)."""
+    if self._compiled_eval is None:
+      self._compiled_eval = jax.jit(self._eval_step)
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+      if num_batches is not None and count >= num_batches:
+        break
+      metrics = self._compiled_eval(self.state.params, self.frozen,
+                                    self._device_batch(batch))
+      for name, value in jax.device_get(metrics).items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+      count += 1
+    if count == 0:
+      raise ValueError("Evaluation got no batches: the eval data source is empty.")
+    return {name: value / count for name, value in sums.items()}
+
+  def model(self) -> nnx.Module:
+    """The model with the current trainable state (a fresh module; frozen state shared)."""
+    return nnx.merge(self.graphdef, self.state.params, self.frozen)
+
+  # Checkpoints -----------------------------------------------------------------------------------
+  def _checkpointer(self) -> Checkpointer | None:
+    if self.workdir is None:
+      return None
+    return Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                        max_to_keep=self.config.keep_checkpoints,
+                        async_save=self.config.async_checkpointing)
+
+  def restore(self, step: int | None = None) -> dict | None:
+    """Loads the checkpoint at `step` (default: the latest complete one) of the workdir into the
+    train state. Returns the data iterator's saved state, or None when there is no checkpoint.
+
+    Eval jobs use it to get the trained model: build the same model and filter, `restore()`, then
+    `model()`.
+    """
+    checkpointer = self._checkpointer()
+    if checkpointer is None:
+      raise ValueError("Trainer.restore needs a workdir: pass workdir= to the Trainer.")
+    try:
+      step = checkpointer.latest_step() if step is None else step
+      if step is None:
+        return None
+      self.state, data_state, _ = checkpointer.restore(step, self.state)
+      return data_state
+    finally:
+      checkpointer.close()
+
+  def _meta(self) -> dict:
+    meta = dict(self.checkpoint_metadata)
+    meta.setdefault("trainable_filter", repr(self.trainable_filter))
+    return meta
+
+  # The loop --------------------------------------------------------------------------------------
+  def train(self, train_data: DataIterator | Iterator[dict[str, np.ndarray]], *,
+            eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+            eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+            step_callback: Callable[[int, dict[str, float], dict[str, np.ndarray]], None] | None = None,
+            ) -> TrainResult:
+    """Trains up to `config.num_steps`, resuming from the latest checkpoint in the workdir.
+
+    Args:
+      train_data: yields host batches `{name: [global_batch, ...]}`; with `get_state()` / `set_state()`
+        its position is checkpointed and restored.
+      eval_batches: returns a fresh eval iterator; `loss_fn`'s metrics are averaged over it (prefixed
+        `eval/`).
+      eval_fn: `eval_fn(model, step) -> {name: float}` for method-specific evaluation (generation,
+        accuracy, ...), run at the same times.
+      step_callback: called after every step as `callback(step, metrics, host_batch)` (tests record
+        the batches seen; methods may log more).
+    Returns:
+      A `TrainResult` (final step, last metrics, last eval metrics, whether SIGTERM stopped it).
+    Raises:
+      NonFiniteLossError: the loss or gradient norm became NaN/Inf (that state is not saved).
+    """
+    config = self.config
+    checkpointer = self._checkpointer()
+    is_chief = jax.process_index() == 0
+    writer = MetricsWriter(os.path.join(self.workdir, "tensorboard") if self.workdir and is_chief
+                           else None)
+    start_step = 0
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+      latest = checkpointer.latest_step()
+      self.state, data_state, _ = checkpointer.restore(latest, self.state)
+      start_step = int(jax.device_get(self.state.step))
+      if data_state and hasattr(train_data, "set_state"):
+        train_data.set_state(data_state)
+      elif not hasattr(train_data, "set_state"):
+        logging.warning("The training data iterator has no set_state(): resuming at step %d without "
+                        "restoring its position.", start_step)
+      logging.info("Resumed from the checkpoint at step %d in %s.", latest, checkpointer.directory)
+      if is_chief:
+        print(f"Resumed from checkpoint step {latest} ({checkpointer.directory}).", flush=True)
+
+    def save(step: int):
+      if checkpointer is None:
+        return
+      data_state = train_data.get_state() if hasattr(train_data, "get_state") else {}
+      checkpointer.save(step, self.state, data_state, self._meta())
+
+    def run_eval(step: int) -> dict[str, float]:
+      results = {}
+      if eval_batches is not None:
+        results.update({f"eval/{k}": v for k, v in
+                        self.evaluate(eval_batches(), config.num_eval_batches).items()})
+      if eval_fn is not None:
+        results.update({f"eval/{k}": float(v) for k, v in eval_fn(self.model(), step).items()})
+      if results:
+        writer.write(step, results)
+        if is_chief:
+          print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())),
+                flush=True)
+      return results
+
+    progress = ProgressLine(config.num_steps, start_step)
+    step = start_step
+    metrics_host: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    history = []
+    preempted = False
+    iterator = iter(train_data) if not hasattr(train_data, "__next__") else train_data
+    try:
+      with _SigtermFlag() as sigterm:
+        while step < config.num_steps:
+          try:
+            batch = next(iterator)
+          except StopIteration:
+            raise ValueError(f"The training data ran out at step {step} of {config.num_steps}: use a "
+                             "repeating iterator or fewer TrainConfig.num_steps.") from None
+          metrics = self.step(batch)
+          step += 1
+          metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not (math.isfinite(metrics_host["loss"]) and math.isfinite(metrics_host["grad_norm"])):
+            last_good = None
+            if checkpointer is not None:
+              checkpointer.wait()
+              last_good = checkpointer.latest_step()
+            raise NonFiniteLossError(
+                f"Non-finite training loss at step {step} (loss={metrics_host['loss']}, "
+                f"grad_norm={metrics_host['grad_norm']}); stopped without saving it. The last good "
+                f"checkpoint is step {last_good}" +
+                (f" in {checkpointer.directory}." if checkpointer is not None else ".") +
+                " Lower the learning rate or check the data of this step.")
+          history.append(dict(metrics_host, step=step))
+          if step_callback is not None:
+            step_callback(step, metrics_host, batch)
+          progress.update(step, tokens=_tokens_in(batch))
+          if step % config.log_every == 0 or step == config.num_steps:
+            writer.write(step, metrics_host)
+            if is_chief:
+              print(progress.line(step, metrics_host["loss"]), flush=True)
+          if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
+            eval_metrics = run_eval(step)
+          stop = self._agree(sigterm.received)
+          if (stop or step == config.num_steps or
+              (config.checkpoint_every and step % config.checkpoint_every == 0)):
+            save(step)
+          if stop:
+            preempted = True
+            logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
+            if is_chief:
+              print(f"SIGTERM: saved checkpoint at step {step}; exiting.", flush=True)
+            break
+      if not preempted and (eval_batches is not None or eval_fn is not None):
+        eval_metrics = run_eval(step)
+      if checkpointer is not None and not preempted and start_step == config.num_steps:
+        logging.info("Nothing to do: the checkpoint is already at num_steps=%d.", step)
+    finally:
+      if checkpointer is not None:
+        checkpointer.wait()
+        checkpointer.close()
+      writer.close()
+    return TrainResult(step=step, metrics=metrics_host, eval_metrics=eval_metrics,
+                       preempted=preempted, history=history)
+
+  @staticmethod
+  def _agree(flag: bool) -> bool:
+    """All processes stop at the same step if any of them got SIGTERM."""
+    if jax.process_count() == 1:
+      return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
