@@ -29,7 +29,8 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order (repeatable).")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'TrainConfig.num_steps=10' (repeatable).")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.gin.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.gin "
+                    "(default: runs/<name of the last --gin_file> under the current directory).")
 flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors too.")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,9 +103,14 @@ def _has_binding(name: str) -> bool:
     return False
 
 
-def prepare_workdir(workdir: str | None) -> str:
-  if not workdir:
-    raise UserError("--workdir is required: the directory for checkpoints, events and config.gin.")
+def default_workdir(gin_files: list[str]) -> str:
+  """`runs/<stem of the last gin file>`: rerunning the same command resumes the same run."""
+  if not gin_files:
+    raise UserError("--gin_file is required (e.g. --gin_file=gin/coprocessor.gin); it selects the job.")
+  return os.path.join("runs", pathlib.Path(gin_files[-1]).stem)
+
+
+def prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   probe = os.path.join(workdir, ".write_test")
   try:
@@ -134,7 +140,8 @@ def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None)
   """Everything `main` does, callable from Python (tests, notebooks)."""
   from persona_jax.train.partitioning import maybe_initialize_distributed  # pylint: disable=g-import-not-at-top
 
-  workdir = prepare_workdir(workdir)
+  workdir = prepare_workdir(workdir or default_workdir(gin_files))
+  print(f"workdir: {workdir}", flush=True)
   maybe_initialize_distributed()
   import_job_modules()
   parse_gin(gin_files, gin_bindings)

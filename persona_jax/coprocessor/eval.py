@@ -28,7 +28,8 @@ from persona_jax.coprocessor.model import CacheCoprocessor
 @nnx.jit(static_argnums=(2, 3))
 def _eval_sums(model: CacheCoprocessor, batch: dict, num_traces: int, ahead_tokens: int):
   segment_ids = batch["decoder_segment_ids"]
-  trace_positions, valid = masks.evenly_spaced_trace_positions(segment_ids, num_traces, ahead_tokens)
+  trace_positions, valid = masks.evenly_spaced_trace_positions(segment_ids, num_traces,
+                                                                ahead_tokens + 1)
   out = model.forward_traces(batch["decoder_target_tokens"], segment_ids, batch["decoder_positions"],
                              trace_positions, ahead_tokens, with_baseline=True)
   weights = valid[:, :, None].astype(jnp.float32)
@@ -104,7 +105,7 @@ def evaluate(workdir: str, **overrides) -> dict[str, Any]:
 
   setup = train_lib.build_job(workdir, **overrides)
   trainer = setup.trainer
-  if train_lib.restore_latest(trainer, workdir) is None:
+  if trainer.restore() is None:
     raise ValueError(f"coprocessor.evaluate: no checkpoint in {workdir}/checkpoints; train first with "
                      "run.job = @coprocessor.train.")
   results = evaluate_perplexity(trainer.model(), setup.eval_batches(), num_traces=setup.num_traces,

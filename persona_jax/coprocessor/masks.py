@@ -18,22 +18,22 @@ from persona_jax.nn.attention import segment_causal_mask
 
 
 def sample_trace_positions(rng: jax.Array, segment_ids: jax.Array, num_traces: int,
-                           ahead_tokens: int) -> tuple[jax.Array, jax.Array]:
+                           tokens_after: int) -> tuple[jax.Array, jax.Array]:
   """Draws `num_traces` distinct augmentation points per row, uniformly among the valid ones.
 
-  A point p is valid when token p and the `ahead_tokens` tokens after it are real tokens of one segment
-  (so every ahead token has a target).
+  A point p is valid when token p and the `tokens_after` tokens after it are real tokens of one
+  segment (the coprocessor needs N_A + 1: N_A teacher-forced inputs and the target after the last).
 
   Args:
     rng: PRNG key.
     segment_ids: `[batch, seq]`, 0 for padding (unpacked data: 1 for every real token).
     num_traces: K.
-    ahead_tokens: N_A.
+    tokens_after: real tokens needed after p.
   Returns:
     positions `[batch, K]` int32 and valid `[batch, K]` bool (False when a row has fewer than K valid
     points; such traces get zero loss weight and point at position 0).
   """
-  valid = valid_trace_points(segment_ids, ahead_tokens)
+  valid = valid_trace_points(segment_ids, tokens_after)
   # Gumbel top-k: distinct, uniform among the valid points, jit-friendly.
   scores = jnp.where(valid, jax.random.uniform(rng, valid.shape), -1.0)
   top_scores, positions = jax.lax.top_k(scores, num_traces)
@@ -41,21 +41,22 @@ def sample_trace_positions(rng: jax.Array, segment_ids: jax.Array, num_traces: i
   return jnp.where(ok, positions, 0).astype(jnp.int32), ok
 
 
-def valid_trace_points(segment_ids: jax.Array, ahead_tokens: int) -> jax.Array:
-  """`[batch, seq]` bool: p has `ahead_tokens` real successors in its own segment."""
+def valid_trace_points(segment_ids: jax.Array, tokens_after: int) -> jax.Array:
+  """`[batch, seq]` bool: p has `tokens_after` real successors in its own segment."""
   seq = segment_ids.shape[1]
-  if ahead_tokens >= seq:
-    raise ValueError(f"ahead_tokens={ahead_tokens} must be smaller than the sequence length {seq}.")
-  head = segment_ids[:, : seq - ahead_tokens]
-  tail = segment_ids[:, ahead_tokens:]
+  if tokens_after >= seq:
+    raise ValueError(f"A trace needs {tokens_after} tokens after its point (ahead_tokens + 1): the "
+                     f"sequence length {seq} is too short.")
+  head = segment_ids[:, : seq - tokens_after]
+  tail = segment_ids[:, tokens_after:]
   ok = (head != 0) & (tail == head)
-  return jnp.pad(ok, ((0, 0), (0, ahead_tokens)))
+  return jnp.pad(ok, ((0, 0), (0, tokens_after)))
 
 
 def evenly_spaced_trace_positions(segment_ids: jax.Array, num_traces: int,
-                                  ahead_tokens: int) -> tuple[jax.Array, jax.Array]:
+                                  tokens_after: int) -> tuple[jax.Array, jax.Array]:
   """Deterministic augmentation points for evaluation: spread evenly over each row's valid points."""
-  valid = valid_trace_points(segment_ids, ahead_tokens)
+  valid = valid_trace_points(segment_ids, tokens_after)
   count = valid.sum(axis=1, keepdims=True)  # [batch, 1]
   # The i-th chosen point is the valid point of rank floor((i + 0.5) * count / K).
   ranks = jnp.floor((jnp.arange(num_traces)[None, :] + 0.5) * count / num_traces).astype(jnp.int32)

@@ -7,6 +7,16 @@ that cache as its prefix, takes `num_latents` trainable soft-token embeddings as
 fed to the frozen decoder as input embeddings after the augmentation point, so the decoder computes
 keys and values for them; decoding then goes on as usual.
 
+Layout of one augmentation at point p (training and inference alike):
+  cache: x_0 .. x_p (the frozen decoder's keys/values), then the latents z_1 .. z_{N_L};
+  then the N_A ahead tokens x_{p+1} .. x_{p+N_A}, teacher-forced, whose outputs predict
+  x_{p+2} .. x_{p+N_A+1}: "position i" is the prediction made by ahead token i.
+This is the layout of a T5X/Gemma-style decode loop, whose cache holds the prompt but its last token
+and whose first step feeds that token: augmenting "at the end of a prompt" x_0 .. x_{n} puts the
+latents after x_{n-1}, and x_n is the first ahead token. Every prediction is made by a real token that
+attends to the augmented cache (a prediction made by a latent itself starts far from the frozen
+decoder's: measured 16x the baseline perplexity on SmolLM2 before training).
+
 Variants (the paper's ablations), chosen by `variant`:
   * "full":        coprocessor initialized from the decoder's weights, all of it trained (default);
   * "lora":        coprocessor = decoder weights (frozen) + trainable LoRA adapters;
@@ -18,7 +28,6 @@ Variants (the paper's ablations), chosen by `variant`:
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +157,8 @@ class CacheCoprocessor(nnx.Module):
       ahead_tokens: N_A, the tokens after p whose loss is measured.
       with_baseline: also return the frozen decoder's own NLL of the same tokens (no augmentation).
     Returns:
-      dict with `nll` `[batch, K, N_A]` fp32 (NLL of token p+i given the augmented cache, i=1..N_A)
-      and, with_baseline, `baseline_nll` of the same shape.
+      dict with `nll` `[batch, K, N_A]` fp32 (position i: NLL of x_{p+1+i}, predicted by ahead token
+      x_{p+i} reading the augmented cache) and, with_baseline, `baseline_nll` of the same shape.
     """
     originals = self.encode_originals(tokens, segment_ids, positions,
                                       num_traces=trace_positions.shape[1], ahead_tokens=ahead_tokens)
@@ -164,7 +173,7 @@ class CacheCoprocessor(nnx.Module):
     (last-layer activations before the final norm), both without gradient.
     """
     batch, seq = tokens.shape
-    cache_size = seq + num_traces * (self.num_latents + ahead_tokens - 1)
+    cache_size = seq + num_traces * (self.num_latents + ahead_tokens)
     cache = init_cache(self.decoder.config, batch, cache_size)
     out = self.decoder(tokens, positions=positions,
                        attention_mask=masks.original_tokens_mask(segment_ids, cache_size),
@@ -178,7 +187,7 @@ class CacheCoprocessor(nnx.Module):
     batch, seq = tokens.shape
     num_traces = trace_positions.shape[1]
     num_latents = self.num_latents
-    group = num_latents + ahead_tokens - 1  # latents, then ahead tokens 1..N_A-1 teacher-forced
+    group = num_latents + ahead_tokens  # latents, then the N_A ahead tokens teacher-forced
     cache, originals_hidden = originals["cache"], originals["hidden"]
     cache_size = cache[0]["k"].shape[1]
     if cache_size != seq + num_traces * group:
@@ -196,10 +205,12 @@ class CacheCoprocessor(nnx.Module):
 
     # The decoder again, on [latents, ahead tokens] per trace, reading the same original cache.
     offsets = jnp.arange(1, ahead_tokens + 1)
-    target_index = jnp.minimum(trace_positions[:, :, None] + offsets, seq - 1)  # [B, K, N_A]
-    targets = jnp.take_along_axis(tokens, target_index.reshape(batch, -1), axis=1).reshape(
+    input_index = jnp.minimum(trace_positions[:, :, None] + offsets, seq - 1)  # x_{p+1..p+N_A}
+    target_index = jnp.minimum(input_index + 1, seq - 1)  # x_{p+2..p+N_A+1}
+    gather = lambda index: jnp.take_along_axis(tokens, index.reshape(batch, -1), axis=1).reshape(
         batch, num_traces, ahead_tokens)
-    ahead_inputs = self.decoder.embed(targets[:, :, :-1])  # [B, K, N_A - 1, E]
+    ahead_inputs = self.decoder.embed(gather(input_index))  # [B, K, N_A, E]
+    targets = gather(target_index)
     inputs = jnp.concatenate(
         [latents.reshape(batch, num_traces, num_latents, -1).astype(ahead_inputs.dtype), ahead_inputs],
         axis=2).reshape(batch, num_traces * group, -1)
@@ -207,13 +218,12 @@ class CacheCoprocessor(nnx.Module):
     second = self.decoder(embeddings=inputs, positions=group_positions,
                           attention_mask=masks.trace_group_mask(visible, group, cache_size),
                           cache=cache, return_logits=False)
-    # The last latent predicts p+1; ahead token p+i predicts p+i+1.
-    hidden = second.hidden.reshape(batch, num_traces, group, -1)[:, :, num_latents - 1:]
+    hidden = second.hidden.reshape(batch, num_traces, group, -1)[:, :, num_latents:]
     logits = self.decoder.logits(hidden)  # [B, K, N_A, V]
     result = {"nll": token_nll(logits, targets)}
     if with_baseline:
-      # The decoder's own prediction of p+i comes from original position p+i-1.
-      source = jnp.minimum(trace_positions[:, :, None] + offsets - 1, seq - 1).reshape(batch, -1)
+      # The decoder's own prediction of the same targets, made by the same tokens in place.
+      source = input_index.reshape(batch, -1)
       source_hidden = jnp.take_along_axis(originals_hidden, source[:, :, None], axis=1)
       baseline_logits = self.decoder.logits(source_hidden).reshape(
           batch, num_traces, ahead_tokens, -1)
@@ -221,43 +231,47 @@ class CacheCoprocessor(nnx.Module):
     return result
 
   # Inference ------------------------------------------------------------------------------------
-  def augment_cache(self, cache, key_valid: jax.Array, next_positions: jax.Array):
-    """Appends latents at the end of a prefilled prompt (all rows end at the cache's `length`).
+  def augment_cache(self, cache, key_valid: jax.Array, next_positions: jax.Array,
+                    last_tokens: jax.Array):
+    """Augments a prompt's cache and feeds the prompt's last token (see the module docstring).
 
     Args:
-      cache: the frozen decoder's cache after prefilling the prompt (left-padded rows).
+      cache: the frozen decoder's cache holding each prompt but its last token (left-padded rows,
+        all ending at the cache's `length`).
       key_valid: `[batch, cache_size]` real (non-padding) filled slots.
-      next_positions: `[batch]` rotary position of the next token of each row.
+      next_positions: `[batch]` rotary position each row's next entry would take.
+      last_tokens: `[batch]` each prompt's last token: the first ahead token.
     Returns:
-      (cache, key_valid, next_positions, last_logits): the cache now holds the latents' keys/values;
-      `last_logits` `[batch, vocab]` are the decoder's logits after the last latent (they predict the
-      first token after the prompt).
+      (cache, key_valid, next_positions, logits): the cache now holds the latents and the last
+      token; `logits` `[batch, vocab]` predict the first token after the prompt.
     """
     batch, cache_size = key_valid.shape
     length = cache[0]["length"]
     num_latents = self.num_latents
-    filled = jnp.arange(cache_size)[None, :] < length
-    visible = (key_valid & filled)[:, None, :]  # one trace: everything in the prompt
+    slots = jnp.arange(cache_size)[None, :]
+    visible = key_valid & (slots < length)  # one trace: the whole cached prompt
     latent_positions = next_positions[:, None] + jnp.arange(num_latents)
-    # Visibility over the full cache buffer: the group starts at `length`, not at a fixed T.
-    group_mask = _appended_group_mask(visible[:, 0], length, num_latents, cache_size)
+    group_mask = _appended_group_mask(visible, length, num_latents, cache_size)
+    soft = jnp.broadcast_to(self.soft_tokens[...], (batch,) + self.soft_tokens.shape)
     if self.coprocessor is None:
-      latents = jnp.broadcast_to(self.soft_tokens[...], (batch,) + self.soft_tokens.shape)
+      latents = soft
     elif self.variant == "activations":
-      raise ValueError("augment_cache: the 'activations' variant needs the prompt's activations; "
-                       "use forward_traces or prefill with return of hidden states.")
+      raise ValueError("augment_cache: the 'activations' variant reads the prompt's last-layer "
+                       "activations, which a kv cache does not keep; evaluate it with forward_traces.")
     else:
-      hidden = self.coprocessor(embeddings=jnp.broadcast_to(self.soft_tokens[...], (batch,) +
-                                                            self.soft_tokens.shape),
-                                positions=latent_positions, attention_mask=group_mask, cache=cache,
-                                return_logits=False).hidden
+      hidden = self.coprocessor(embeddings=soft, positions=latent_positions,
+                                attention_mask=group_mask, cache=cache, return_logits=False).hidden
       latents = self._as_input_embeddings(self.coprocessor.final_norm(hidden))
-    out = self.decoder(embeddings=latents, positions=latent_positions, attention_mask=group_mask,
-                       cache=cache, return_logits=False)
-    new_valid = key_valid | ((jnp.arange(cache_size)[None, :] >= length) &
-                             (jnp.arange(cache_size)[None, :] < length + num_latents))
-    last_logits = self.decoder.logits(out.hidden[:, -1])
-    return out.cache, new_valid, next_positions + num_latents, last_logits
+    cache = self.decoder(embeddings=latents, positions=latent_positions, attention_mask=group_mask,
+                         cache=cache, return_logits=False).cache
+    key_valid = key_valid | ((slots >= length) & (slots < length + num_latents))
+    # The prompt's last token reads the augmented cache; its logits start the decoding.
+    length = length + num_latents
+    key_valid = key_valid | (slots == length)
+    positions = next_positions + num_latents
+    out = self.decoder(last_tokens[:, None], positions=positions[:, None],
+                       attention_mask=(key_valid & (slots <= length))[:, None, :], cache=cache)
+    return out.cache, key_valid, positions + 1, out.logits[:, -1]
 
 
 def _appended_group_mask(visible_prefix: jax.Array, start, group_size: int,
@@ -277,9 +291,10 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def _augment(model: CacheCoprocessor, state: sampling.PrefillState) -> sampling.PrefillState:
+def _augment(model: CacheCoprocessor, state: sampling.PrefillState,
+             last_tokens: jax.Array) -> sampling.PrefillState:
   cache, key_valid, next_positions, logits = model.augment_cache(state.cache, state.key_valid,
-                                                                 state.next_positions)
+                                                                 state.next_positions, last_tokens)
   return sampling.PrefillState(cache=cache, logits=logits, key_valid=key_valid,
                                next_positions=next_positions)
 
@@ -288,26 +303,36 @@ def generate(model: CacheCoprocessor, prompts, *, max_new_tokens: int, augment: 
              **sampling_options) -> sampling.GenerateResult:
   """Generates after each prompt, with the cache augmented once at the prompt's end.
 
+  The cache is prefilled with each prompt but its last token, the latents are appended, and the last
+  prompt token is fed next (the layout training uses; see the module docstring).
+
   Args:
     model: the trained coprocessor (its frozen decoder generates).
-    prompts: token-id lists (any lengths; left-padded here).
+    prompts: token-id lists (any lengths >= 2; left-padded here).
     max_new_tokens: tokens to generate per row.
     augment: False decodes with the unchanged decoder (the coprocessor is optional at inference).
     sampling_options: `persona_jax.sampling.decode` options (temperature, top_k, top_p, rng,
       stop_tokens, pad_id).
   """
   config = model.decoder.config
-  pad_id = sampling_options.get("pad_id")
+  pad_id = sampling_options.pop("pad_id", None)
   if pad_id is None:
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
   if sampling_options.get("stop_tokens") is None:
     eos = config.eos_token_id
     sampling_options["stop_tokens"] = () if eos is None else (
         (eos,) if isinstance(eos, int) else tuple(eos))
-  tokens, mask = sampling.pad_prompts(prompts, pad_id=pad_id, length_multiple=16)
-  extra = model.num_latents if augment else 0
-  max_len = sampling.round_up(tokens.shape[1] + extra + max_new_tokens, 64)
-  state = sampling.prefill(model.decoder, tokens, mask, max_len)
-  if augment:
-    state = _augment(model, state)
-  return sampling.decode(model.decoder, state, max_new_tokens=max_new_tokens, **sampling_options)
+  if not augment:
+    return sampling.generate(model.decoder, prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                             **sampling_options)
+  if any(len(prompt) < 2 for prompt in prompts):
+    raise ValueError("coprocessor.generate: augmenting needs prompts of at least 2 tokens (the cache "
+                     "holds all but the last, which is fed after the latents).")
+  heads, mask = sampling.pad_prompts([prompt[:-1] for prompt in prompts], pad_id=pad_id,
+                                     length_multiple=16)
+  last_tokens = jnp.asarray([prompt[-1] for prompt in prompts], jnp.int32)
+  max_len = sampling.round_up(heads.shape[1] + model.num_latents + 1 + max_new_tokens, 64)
+  state = sampling.prefill(model.decoder, heads, mask, max_len)
+  state = _augment(model, state, last_tokens)
+  return sampling.decode(model.decoder, state, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                         **sampling_options)

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from persona_jax import data as pdata
@@ -27,7 +26,6 @@ from persona_jax import nn as pnn
 from persona_jax.coprocessor import eval as eval_lib
 from persona_jax.coprocessor import masks
 from persona_jax.coprocessor.model import CacheCoprocessor
-from persona_jax.train.checkpointing import Checkpointer
 from persona_jax.train.trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -36,7 +34,8 @@ def make_loss_fn(num_traces: int, ahead_tokens: int) -> Callable:
 
   def loss_fn(model: CacheCoprocessor, batch: dict, rng: jax.Array):
     segment_ids = batch["decoder_segment_ids"]
-    trace_positions, valid = masks.sample_trace_positions(rng, segment_ids, num_traces, ahead_tokens)
+    trace_positions, valid = masks.sample_trace_positions(rng, segment_ids, num_traces,
+                                                           ahead_tokens + 1)
     out = model.forward_traces(batch["decoder_target_tokens"], segment_ids, batch["decoder_positions"],
                                trace_positions, ahead_tokens, with_baseline=True)
     weights = jnp.broadcast_to(valid[:, :, None], out["nll"].shape).astype(jnp.float32)
@@ -171,15 +170,3 @@ def train(workdir: str, **overrides) -> dict[str, Any]:
                  "eval": results}, f, indent=2)
   return results
 
-
-def restore_latest(trainer: Trainer, workdir: str) -> int | None:
-  """Loads the latest complete checkpoint of `workdir` into `trainer`; returns its step (or None)."""
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      return None
-    trainer.state, _, _ = checkpointer.restore(step, trainer.state)
-    return step
-  finally:
-    checkpointer.close()

@@ -128,40 +128,42 @@ def test_trainable_filter_selects_the_variant_parameters():
 @pytest.mark.parametrize("preset,variant", [("tiny_llama", "full"), ("tiny_gemma2", "full"),
                                             ("tiny_llama", "pause")])
 def test_inference_augmentation_matches_training_forward(preset, variant):
-  """Prefill a left-padded batch, augment at the prompt end, teacher-force: same NLL as training."""
+  """Left-padded prompts: cache all but the last token, augment, feed the rest: training's NLL."""
   model = _model(preset, variant)
   full = jax.random.randint(jax.random.key(5), (2, 16), 0, 256)
   prompt_lengths = [9, 6]
-  width = max(prompt_lengths)
+  width = max(prompt_lengths) - 1  # the cache holds each prompt but its last token
   cache_size = width + NUM_LATENTS + AHEAD
-  prompt = np.zeros((2, width), np.int32)
-  prompt_mask = np.zeros((2, width), bool)
+  heads = np.zeros((2, width), np.int32)
+  head_mask = np.zeros((2, width), bool)
   for row, length in enumerate(prompt_lengths):  # left padding
-    prompt[row, width - length:] = full[row, :length]
-    prompt_mask[row, width - length:] = True
-  key_valid = jnp.pad(jnp.asarray(prompt_mask), ((0, 0), (0, cache_size - width)))
+    heads[row, width - (length - 1):] = full[row, :length - 1]
+    head_mask[row, width - (length - 1):] = True
+  key_valid = jnp.pad(jnp.asarray(head_mask), ((0, 0), (0, cache_size - width)))
   cache = init_cache(model.decoder.config, 2, cache_size)
-  prefill = model.decoder(jnp.asarray(prompt), positions=positions_from_mask(prompt_mask),
+  prefill = model.decoder(jnp.asarray(heads), positions=positions_from_mask(head_mask),
                           attention_mask=cache_mask(key_valid, width, 0), cache=cache)
-  next_positions = jnp.asarray(prompt_mask.sum(axis=1), jnp.int32)
+  last_tokens = jnp.asarray([full[r, l - 1] for r, l in enumerate(prompt_lengths)])
   cache, key_valid, next_positions, first_logits = model.augment_cache(
-      prefill.cache, key_valid, next_positions)
+      prefill.cache, key_valid, jnp.asarray(head_mask.sum(axis=1), jnp.int32), last_tokens)
 
+  # Teacher-force the rest: the tokens after each prompt, one fewer than the targets.
   targets = np.stack([np.asarray(full[r, l:l + AHEAD]) for r, l in enumerate(prompt_lengths)])
-  key_valid = key_valid | ((jnp.arange(cache_size) >= cache[0]["length"]) &
-                           (jnp.arange(cache_size) < cache[0]["length"] + AHEAD - 1))[None]
+  start = cache[0]["length"]
+  key_valid = key_valid | ((jnp.arange(cache_size) >= start) &
+                           (jnp.arange(cache_size) < start + AHEAD - 1))[None]
   forced = model.decoder(jnp.asarray(targets[:, :-1]),
                          positions=next_positions[:, None] + jnp.arange(AHEAD - 1),
-                         attention_mask=cache_mask(key_valid, AHEAD - 1, cache[0]["length"]),
-                         cache=cache)
+                         attention_mask=cache_mask(key_valid, AHEAD - 1, start), cache=cache)
   logits = jnp.concatenate([first_logits[:, None], forced.logits], axis=1)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   inference_nll = -np.take_along_axis(np.asarray(log_probs), targets[..., None], axis=-1)[..., 0]
 
   for row, length in enumerate(prompt_lengths):
     tokens = full[row:row + 1]
+    # Training's trace point p = the last cached token; its first ahead token is the prompt's last.
     training = _forward(model, tokens, jnp.ones_like(tokens), jnp.arange(16)[None],
-                        jnp.array([[length - 1]]), AHEAD, False)["nll"][0, 0]
+                        jnp.array([[length - 2]]), AHEAD, False)["nll"][0, 0]
     np.testing.assert_allclose(inference_nll[row], training, atol=3e-5)
 
 
@@ -197,13 +199,14 @@ def test_generate_augments_once_then_decodes():
   np.testing.assert_array_equal(plain.tokens, reference.tokens)  # no coprocessor: decoder unchanged
 
   augmented = generate(model, prompts, max_new_tokens=5, stop_tokens=())
-  # Its first token is the argmax after the last latent, as augment_cache computes it directly.
+  # Its first token is the argmax of augment_cache's logits (cache: the prompt but its last token).
   for row, prompt in enumerate(prompts):
-    length = len(prompt)
+    head = len(prompt) - 1
     cache = init_cache(model.decoder.config, 1, 32)
-    valid = jnp.arange(32)[None] < length
-    prefilled = model.decoder(jnp.asarray([prompt]), attention_mask=cache_mask(valid, length, 0),
+    valid = jnp.arange(32)[None] < head
+    prefilled = model.decoder(jnp.asarray([prompt[:-1]]), attention_mask=cache_mask(valid, head, 0),
                               cache=cache)
-    _, _, _, logits = model.augment_cache(prefilled.cache, valid, jnp.array([length]))
+    _, _, _, logits = model.augment_cache(prefilled.cache, valid, jnp.array([head]),
+                                          jnp.array([prompt[-1]]))
     assert int(augmented.tokens[row, 0]) == int(jnp.argmax(logits[0]))
   assert not np.array_equal(augmented.tokens, plain.tokens)
