@@ -15,7 +15,13 @@ This is the layout of a T5X/Gemma-style decode loop, whose cache holds the promp
 and whose first step feeds that token: augmenting "at the end of a prompt" x_0 .. x_{n} puts the
 latents after x_{n-1}, and x_n is the first ahead token. Every prediction is made by a real token that
 attends to the augmented cache (a prediction made by a latent itself starts far from the frozen
-decoder's: measured 16x the baseline perplexity on SmolLM2 before training).
+decoder's: 7,260 vs 43.5 perplexity on SmolLM2 before training, docs/RESULTS.md).
+
+Rotary positions: the latents take no positions of their own. All of them sit at the position of
+the first ahead token, and the ahead tokens keep their original positions, so the text's relative
+distances are those the decoder was trained on: x_{p+1} still finds x_p at distance 1, where its
+previous-token heads look, and the latents at distance 0. (Giving the latents positions p+1..p+N_L
+and shifting the ahead tokens by N_L trained worse: docs/RESULTS.md.)
 
 Variants (the paper's ablations), chosen by `variant`:
   * "full":        coprocessor initialized from the decoder's weights, all of it trained (default);
@@ -196,7 +202,9 @@ class CacheCoprocessor(nnx.Module):
 
     visible = masks.original_visibility(segment_ids, trace_positions)  # [B, K, T]
     trace_start = jnp.take_along_axis(positions, trace_positions, axis=1)  # rotary position of p
-    latent_positions = (trace_start[:, :, None] + 1 + jnp.arange(num_latents)).reshape(batch, -1)
+    # Every latent takes the rotary position of the first ahead token (see the module docstring).
+    latent_positions = jnp.broadcast_to(trace_start[:, :, None] + 1,
+                                        (batch, num_traces, num_latents)).reshape(batch, -1)
 
     # The coprocessor: K x num_latents latents.
     latents = self.latents_from_cache(
@@ -214,7 +222,9 @@ class CacheCoprocessor(nnx.Module):
     inputs = jnp.concatenate(
         [latents.reshape(batch, num_traces, num_latents, -1).astype(ahead_inputs.dtype), ahead_inputs],
         axis=2).reshape(batch, num_traces * group, -1)
-    group_positions = (trace_start[:, :, None] + 1 + jnp.arange(group)).reshape(batch, -1)
+    group_positions = jnp.concatenate(
+        [jnp.broadcast_to(trace_start[:, :, None] + 1, (batch, num_traces, num_latents)),
+         trace_start[:, :, None] + 1 + jnp.arange(ahead_tokens)], axis=2).reshape(batch, -1)
     second = self.decoder(embeddings=inputs, positions=group_positions,
                           attention_mask=masks.trace_group_mask(visible, group, cache_size),
                           cache=cache, return_logits=False)
@@ -250,7 +260,7 @@ class CacheCoprocessor(nnx.Module):
     num_latents = self.num_latents
     slots = jnp.arange(cache_size)[None, :]
     visible = key_valid & (slots < length)  # one trace: the whole cached prompt
-    latent_positions = next_positions[:, None] + jnp.arange(num_latents)
+    latent_positions = jnp.broadcast_to(next_positions[:, None], (batch, num_latents))
     group_mask = _appended_group_mask(visible, length, num_latents, cache_size)
     soft = jnp.broadcast_to(self.soft_tokens[...], (batch,) + self.soft_tokens.shape)
     if self.coprocessor is None:
@@ -265,13 +275,13 @@ class CacheCoprocessor(nnx.Module):
     cache = self.decoder(embeddings=latents, positions=latent_positions, attention_mask=group_mask,
                          cache=cache, return_logits=False).cache
     key_valid = key_valid | ((slots >= length) & (slots < length + num_latents))
-    # The prompt's last token reads the augmented cache; its logits start the decoding.
+    # The prompt's last token reads the augmented cache at its own position (the latents take no
+    # positions of their own); its logits start the decoding.
     length = length + num_latents
     key_valid = key_valid | (slots == length)
-    positions = next_positions + num_latents
-    out = self.decoder(last_tokens[:, None], positions=positions[:, None],
+    out = self.decoder(last_tokens[:, None], positions=next_positions[:, None],
                        attention_mask=(key_valid & (slots <= length))[:, None, :], cache=cache)
-    return out.cache, key_valid, positions + 1, out.logits[:, -1]
+    return out.cache, key_valid, next_positions + 1, out.logits[:, -1]
 
 
 def _appended_group_mask(visible_prefix: jax.Array, start, group_size: int,
