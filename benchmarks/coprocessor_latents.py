@@ -22,6 +22,7 @@ import time
 import gin
 import jax
 
+from persona_jax import main as main_lib  # registers `run`, which the gin file binds
 from persona_jax.coprocessor import eval as eval_lib
 from persona_jax.coprocessor import train as train_lib
 from persona_jax.train.trainer import TrainConfig
@@ -31,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_config(args, variant: str, num_latents: int, workdir: str) -> dict:
   gin.clear_config()
+  main_lib.import_job_modules()
   gin.parse_config_file(os.path.join(REPO, "gin", "coprocessor.gin"))
   config = TrainConfig(num_steps=args.num_steps, learning_rate=args.learning_rate,
                        warmup_steps=min(10, args.num_steps // 5), checkpoint_every=0,
