@@ -43,6 +43,7 @@ from persona_jax import sampling
 from persona_jax.coprocessor import masks
 from persona_jax.nn import Decoder, init_cache, inject_lora
 from persona_jax.nn.layers import logical_param
+from persona_jax.train.losses import token_log_probs
 
 VARIANTS = ("full", "lora", "scratch", "pause", "activations")
 
@@ -230,14 +231,14 @@ class CacheCoprocessor(nnx.Module):
                           cache=cache, return_logits=False)
     hidden = second.hidden.reshape(batch, num_traces, group, -1)[:, :, num_latents:]
     logits = self.decoder.logits(hidden)  # [B, K, N_A, V]
-    result = {"nll": token_nll(logits, targets)}
+    result = {"nll": -token_log_probs(logits, targets)}
     if with_baseline:
       # The decoder's own prediction of the same targets, made by the same tokens in place.
       source = input_index.reshape(batch, -1)
       source_hidden = jnp.take_along_axis(originals_hidden, source[:, :, None], axis=1)
       baseline_logits = self.decoder.logits(source_hidden).reshape(
           batch, num_traces, ahead_tokens, -1)
-      result["baseline_nll"] = jax.lax.stop_gradient(token_nll(baseline_logits, targets))
+      result["baseline_nll"] = jax.lax.stop_gradient(-token_log_probs(baseline_logits, targets))
     return result
 
   # Inference ------------------------------------------------------------------------------------
@@ -292,12 +293,6 @@ def _appended_group_mask(visible_prefix: jax.Array, start, group_size: int,
   own = (slots[None, :] >= start) & (slots[None, :] <= query_slots[:, None])
   prefix = visible_prefix[:, None, :] & (slots[None, None, :] < start)
   return prefix | own[None]
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Negative log-likelihood in fp32: `logits [..., V]`, `targets [...]` -> `[...]`."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
 @nnx.jit
