@@ -24,11 +24,13 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.23",
         "tensorboardX>=2.6",
+        "rouge-score>=0.1.2",  # ROUGE-L / ROUGE-Lsum metrics (User-LLM, MiLP)
+        "optuna>=3.6",  # MiLP's Bayesian layout search (GP sampler)
     ],
     extras_require={
         # Parity and round-trip tests compare against the PyTorch reference implementations.
         "test": ["pytest>=8", "transformers>=4.46", "torch>=2.4", "peft>=0.13", "accelerate>=0.34",
-                 "gguf>=0.10", "nbclient", "nbformat", "ipykernel"],
+                 "gguf>=0.10", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "gguf": ["gguf>=0.10"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
