@@ -25,6 +25,9 @@ import sys
 
 import gin
 from absl import app, flags, logging
+from etils import epath
+
+from persona_jax.train import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order (repeatable).")
@@ -111,13 +114,12 @@ def default_workdir(gin_files: list[str]) -> str:
 
 
 def prepare_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  probe = os.path.join(workdir, ".write_test")
+  """Creates the workdir (a local path or a bucket URL such as gs://b/run) and checks it is writable."""
+  workdir = workdir_lib.resolve(workdir)
+  probe = epath.Path(workdir_lib.join(workdir, ".write_test"))
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    workdir_lib.write_text(probe, "ok")
+    probe.unlink()
   except OSError as error:
     raise UserError(f"--workdir={workdir} cannot be written ({error.strerror or error}). Fix: choose a "
                     "directory you can create and write to.") from error
@@ -127,8 +129,7 @@ def prepare_workdir(workdir: str) -> str:
 def write_config(workdir: str, text: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(text)
+    workdir_lib.write_text(workdir_lib.join(workdir, "config.gin"), text)
 
 
 # Exceptions that come from bad flags, files, bindings or data rather than from bugs.

@@ -10,9 +10,7 @@ process and writes the same table.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Iterable
 
 import gin
@@ -22,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from persona_jax.coprocessor import masks
+from persona_jax.train import workdir as workdir_lib
 from persona_jax.coprocessor.model import CacheCoprocessor
 
 
@@ -86,11 +85,8 @@ def write_table(workdir: str, results: dict[str, Any], name: str, title: str) ->
   """Writes `<name>.json` and `<name>.md` into the workdir; returns the markdown."""
   table = format_table(results, title)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, f"{name}.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, f"{name}.md"), "w") as f:
-      f.write(table + "\n")
+    workdir_lib.write_json(workdir_lib.join(workdir, f"{name}.json"), results)
+    workdir_lib.write_text(workdir_lib.join(workdir, f"{name}.md"), table + "\n")
   return table
 
 

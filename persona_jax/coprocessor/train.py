@@ -12,8 +12,6 @@ augmentation point) is printed and written to `<workdir>/eval_table.{md,json}`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 import gin
@@ -26,6 +24,7 @@ from persona_jax import nn as pnn
 from persona_jax.coprocessor import eval as eval_lib
 from persona_jax.coprocessor import masks
 from persona_jax.coprocessor.model import CacheCoprocessor
+from persona_jax.train import workdir as workdir_lib
 from persona_jax.train.trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -165,8 +164,8 @@ def train(workdir: str, **overrides) -> dict[str, Any]:
                                f"step {result.step})")
   if jax.process_index() == 0:
     print(table, flush=True)
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({"step": result.step, "preempted": result.preempted, "train": result.metrics,
-                 "eval": results}, f, indent=2)
+    workdir_lib.write_json(workdir_lib.join(workdir, "final_metrics.json"),
+                           {"step": result.step, "preempted": result.preempted,
+                            "train": result.metrics, "eval": results})
   return results
 

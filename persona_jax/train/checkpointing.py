@@ -16,12 +16,13 @@ Layout of `<workdir>/checkpoints/<step>/`:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from persona_jax.train import workdir as workdir_lib
 
 
 def _key_name(key) -> str:
@@ -63,7 +64,7 @@ class Checkpointer:
   """A `CheckpointManager` over `<workdir>/checkpoints` that saves and restores train states."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.resolve(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

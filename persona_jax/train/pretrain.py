@@ -6,8 +6,6 @@ Gin: `run.job = @pretrain.train`, settings as `pretrain.train.<arg> = ...` and t
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import gin
@@ -17,6 +15,7 @@ from flax import nnx
 
 from persona_jax import data as pdata
 from persona_jax import nn as pnn
+from persona_jax.train import workdir as workdir_lib
 from persona_jax.train.losses import lm_loss
 from persona_jax.train.trainer import TrainConfig, Trainer, TrainResult
 
@@ -120,6 +119,5 @@ def train(workdir: str, *, model: str | None = "tiny_llama", pretrained: str | N
   if process_index == 0:
     summary = {"step": result.step, "preempted": result.preempted,
                "train": result.metrics, "eval": result.eval_metrics}
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    workdir_lib.write_json(workdir_lib.join(workdir, "final_metrics.json"), summary)
   return result
