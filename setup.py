@@ -32,6 +32,8 @@ setup(
         "test": ["pytest>=8", "transformers>=4.46", "torch>=2.4", "peft>=0.13", "accelerate>=0.34",
                  "gguf>=0.10", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "gguf": ["gguf>=0.10"],
+        # Optuna's GPSampler (MiLP's layout search) imports torch and scipy at run time.
+        "milp": ["torch>=2.4", "scipy"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },
