@@ -1,0 +1,248 @@
+"""MiLP data and metrics: users with a persona, a history and held-out responses, as SeqIO tasks.
+
+A *user* is one speaker of one conversation:
+  * Synthetic-Persona-Chat (`synthetic_persona_chat`): "User 2" of a conversation; persona = the
+    "user 2 personas" sentences. Dev users come from the valid CSV, test users from the test CSV.
+  * MathDial (`mathdial`): the student of a tutoring dialogue; persona = the `student_profile`
+    sentences. Only test.jsonl exists: dev users are its first rows, test users its last rows.
+The user's turns are cut at `history_fraction` of the conversation:
+  * history (what the memory is trained on): the persona lines and every turn before the cut;
+  * held-out examples: each of the user's own turns after the cut (at most `responses_per_user`, in
+    order), with the `context_turns` turns before it as the prompt.
+
+SeqIO tasks:
+  * `milp.history.<user_id>.<vocabulary>`: a language-modelling task over the user's history text
+    (written to `<data_dir>/<user_id>.txt`, registered with `persona_jax.data.register_text_file_task`);
+  * `milp.responses.<dataset>`: the held-out examples of the dataset's users, splits "dev" and "test",
+    text features `user_id`, `prompt`, `response`, `persona` (persona facts joined by newlines).
+
+Metrics: ROUGE-L F-measure (`rouge_score`, stemming on) against the reference response, and
+Persona-F1: the token-level F1 (SQuAD normalization: lowercase, no punctuation or articles) between the
+response and each persona fact, maximised over the facts (a response voices one fact at a time).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import string
+from typing import Sequence
+
+import seqio
+import tensorflow as tf
+
+from persona_jax import data as pdata
+
+DATASETS = ("synthetic_persona_chat", "mathdial")
+SPEAKERS = {"synthetic_persona_chat": ("User 2", "User 1"), "mathdial": ("Student", "Teacher")}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutExample:
+  prompt: str  # the context turns, then "<user speaker>:" (the model continues with the response)
+  response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+  """One user: id, persona facts, history turns ("Speaker: text"), held-out examples."""
+  user_id: str
+  persona: tuple[str, ...]
+  history: tuple[str, ...]
+  held_out: tuple[HeldOutExample, ...]
+  speaker: str
+
+  def history_text(self) -> str:
+    """What the memory is trained on: persona lines, then the past turns, one per line."""
+    return "\n".join([f"Persona: {fact}" for fact in self.persona] + list(self.history)) + "\n"
+
+
+def _persona_chat_rows(path: pathlib.Path) -> list[dict]:
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  needed = {"user 2 personas", "Best Generated Conversation"}
+  if rows and not needed <= set(rows[0]):
+    raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(needed - set(rows[0]))}; expected the "
+                     "Synthetic-Persona-Chat CSV.")
+  return [{"id": f"spc_{path.stem.split('_')[-1]}_{index}",
+           "persona": [s.strip() for s in row["user 2 personas"].splitlines() if s.strip()],
+           "turns": [t.strip() for t in row["Best Generated Conversation"].splitlines() if t.strip()]}
+          for index, row in enumerate(rows)]
+
+
+def _mathdial_rows(path: pathlib.Path) -> list[dict]:
+  rows = []
+  with open(path) as f:
+    for line_number, line in enumerate(f, 1):
+      try:
+        row = json.loads(line)
+        profile, conversation, qid = row["student_profile"], row["conversation"], row["qid"]
+      except (json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{path}:{line_number}: not a MathDial row ({error!r}); expected JSON with "
+                         "student_profile, conversation and qid.") from None
+      persona = [s.strip() + "." for s in profile.split(".") if s.strip()]
+      # Turns look like "Teacher: (generic)Hi ..."; drop the move annotation in parentheses.
+      turns = [re.sub(r"^(Teacher|Student):\s*\([a-z]+\)", r"\1: ", t.strip()).replace(":  ", ": ")
+               for t in conversation.split("|EOM|") if t.strip()]
+      rows.append({"id": f"mathdial_{qid}", "persona": persona, "turns": turns})
+  return rows
+
+
+def _make_user(row: dict, speaker: str, history_fraction: float, context_turns: int,
+               responses_per_user: int) -> User:
+  turns = row["turns"]
+  cut = int(round(len(turns) * history_fraction))
+  held_out = []
+  for index in range(cut, len(turns)):
+    if len(held_out) == responses_per_user:
+      break
+    if turns[index].startswith(speaker + ":") and index > 0:
+      response = turns[index][len(speaker) + 1:].strip()
+      if response:
+        context = turns[max(0, index - context_turns):index]
+        held_out.append(HeldOutExample(prompt="\n".join(context) + f"\n{speaker}:", response=response))
+  return User(user_id=row["id"], persona=tuple(row["persona"]), history=tuple(turns[:cut]),
+              held_out=tuple(held_out), speaker=speaker)
+
+
+def load_users(dataset: str, data_dir: str | os.PathLike, split: str, num_users: int, *,
+               history_fraction: float = 0.5, context_turns: int = 2, responses_per_user: int = 2
+               ) -> list[User]:
+  """The first `num_users` users of `split` ("dev" or "test") that have held-out responses.
+
+  Args:
+    dataset: one of `DATASETS`.
+    data_dir: the folder holding `synthetic_persona_chat/` and `mathdial/` (../shared/data/dialogue).
+    split: "dev" or "test" (see the module docstring for where each comes from).
+    num_users: how many users.
+    history_fraction: the share of each conversation's turns that is history (the rest is held out).
+    context_turns: turns before a held-out response that form its prompt.
+    responses_per_user: held-out responses per user (the first ones after the cut).
+  """
+  if dataset not in DATASETS:
+    raise ValueError(f"milp dataset {dataset!r} is unknown; choose from {DATASETS}.")
+  if split not in ("dev", "test"):
+    raise ValueError(f"milp split {split!r} is unknown; use 'dev' or 'test'.")
+  if not 0.0 < history_fraction < 1.0:
+    raise ValueError(f"milp history_fraction={history_fraction} must be in (0, 1).")
+  root = pathlib.Path(data_dir).expanduser()
+  if dataset == "synthetic_persona_chat":
+    name = {"dev": "valid", "test": "test"}[split]
+    path = root / "synthetic_persona_chat" / f"Synthetic-Persona-Chat_{name}.csv"
+    reader = _persona_chat_rows
+  else:
+    path = root / "mathdial" / "test.jsonl"
+    reader = _mathdial_rows
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: missing; point milp.job.data_dir at the dialogue folder "
+                            "(../shared/data/dialogue) holding synthetic_persona_chat/ and mathdial/.")
+  rows = reader(path)
+  if dataset == "mathdial" and split == "test":
+    rows = rows[::-1]  # dev users from the front, test users from the back: disjoint for small counts
+  speaker = SPEAKERS[dataset][0]
+  users = []
+  for row in rows:
+    if len(users) == num_users:
+      break
+    user = _make_user(row, speaker, history_fraction, context_turns, responses_per_user)
+    if user.held_out and user.history:
+      users.append(user)
+  if len(users) < num_users:
+    raise ValueError(f"{path}: only {len(users)} users with history and held-out responses for split "
+                     f"{split!r}, {num_users} requested; lower num_users.")
+  return users
+
+
+def check_history(user: User) -> None:
+  if not user.persona and not user.history:
+    raise ValueError(f"milp user {user.user_id!r} has no history (no persona facts and no past turns): "
+                     "there is nothing to store in a memory; drop the user or lower history_fraction's cut.")
+
+
+def history_task(user: User, vocabulary, data_dir: str | os.PathLike) -> str:
+  """Registers (once) the SeqIO LM task over `user`'s history; returns its name."""
+  check_history(user)
+  vocab = pdata.get_vocabulary(vocabulary)
+  path = pathlib.Path(data_dir) / f"{user.user_id}.txt"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = user.history_text()
+  if not path.is_file() or path.read_text() != text:
+    path.write_text(text)
+  name = f"milp.history.{user.user_id}.{pdata.vocabulary_name(vocab)}"
+  # Each history is one short document (never cut at blank lines); chunks are packed into rows.
+  return pdata.register_text_file_task(name, {"train": str(path)}, vocab, add_eos=True,
+                                       lines_per_document=10_000, concatenate_documents=False)
+
+
+def responses_task(dataset: str, users_by_split: dict[str, Sequence[User]]) -> str:
+  """Registers the held-out responses of these users as `milp.responses.<dataset>` (splits dev/test)."""
+  examples = {split: [(u.user_id, ex.prompt, ex.response, "\n".join(u.persona))
+                      for u in users for ex in u.held_out] for split, users in users_by_split.items()}
+  name = f"milp.responses.{dataset}"
+  fingerprint = json.dumps(examples, sort_keys=True)
+  if name in seqio.TaskRegistry.names():
+    if getattr(seqio.TaskRegistry.get(name), "_milp_fingerprint", None) == fingerprint:
+      return name
+    seqio.TaskRegistry.remove(name)  # another user selection in this process: replace it
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed
+    rows = examples[split]
+    columns = list(zip(*rows)) if rows else [[]] * 4
+    return tf.data.Dataset.from_tensor_slices({key: tf.constant(list(col), tf.string) for key, col in
+                                               zip(("user_id", "prompt", "response", "persona"), columns)})
+
+  source = seqio.FunctionDataSource(dataset_fn, splits=tuple(examples),
+                                    num_input_examples={s: len(r) for s, r in examples.items()})
+  task = seqio.Task(name, source=source, output_features={}, preprocessors=[])
+  task._milp_fingerprint = fingerprint  # pylint: disable=protected-access
+  seqio.TaskRegistry.add_provider(name, task)
+  return name
+
+
+def held_out_examples(task_name: str, split: str) -> list[dict[str, str]]:
+  """The rows of a `responses_task` split, in order: [{user_id, prompt, response, persona}]."""
+  dataset = seqio.get_mixture_or_task(task_name).get_dataset(None, split=split, shuffle=False)
+  return [{k: v.decode() for k, v in row.items()} for row in dataset.as_numpy_iterator()]
+
+
+# Metrics -----------------------------------------------------------------------------------------
+def _normalize_tokens(text: str) -> list[str]:
+  text = text.lower()
+  text = "".join(ch for ch in text if ch not in set(string.punctuation))
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+  """SQuAD-style token F1 between two strings."""
+  pred, ref = _normalize_tokens(prediction), _normalize_tokens(reference)
+  common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(pred), common / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def persona_f1(response: str, persona: Sequence[str]) -> float:
+  """Token F1 of `response` against each persona fact, maximised over the facts."""
+  return max((token_f1(response, fact) for fact in persona), default=0.0)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  return _scorer(rouge_scorer).score(reference, prediction)["rougeL"].fmeasure
+
+
+_SCORER = []
+
+
+def _scorer(rouge_scorer):
+  if not _SCORER:
+    _SCORER.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
+  return _SCORER[0]
