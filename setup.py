@@ -34,7 +34,7 @@ setup(
         "gguf": ["gguf>=0.10"],
         # Optuna's GPSampler (MiLP's layout search) imports torch and scipy at run time.
         "milp": ["torch>=2.4", "scipy"],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]", "google-cloud-storage"],  # gs:// workdirs: TensorBoard events via tensorboardX
         "cuda": ["jax[cuda12]"],
     },
 )

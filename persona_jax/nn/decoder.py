@@ -113,7 +113,8 @@ class Decoder(nnx.Module):
     Args:
       tokens: `[batch, seq]` ids, or None when `embeddings` is given.
       embeddings: `[batch, seq, embed]` input embeddings (gemma's sqrt(d) scale is applied to them,
-        as Hugging Face does for `inputs_embeds`).
+        as it is to embedded tokens; transformers 5 no longer scales `inputs_embeds`, so callers that
+        feed embeddings to an exported gemma scale them first, see coprocessor/hf_loader.py).
       positions: `[batch, seq]` rotary positions; default `cache length + arange(seq)`.
       attention_mask: `[batch, seq, keys]` bool; keys = seq without a cache, cache size with one.
         Default: causal (over the filled cache slots plus the new tokens).
