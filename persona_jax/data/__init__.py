@@ -25,10 +25,11 @@ from persona_jax.data.tasks import TfdsTextDataset
 from persona_jax.data.vocabularies import get_vocabulary
 from persona_jax.data.vocabularies import HFTokenizerVocabulary
 from persona_jax.data.vocabularies import vocabulary_name
+from persona_jax.data import user_histories
 
 __all__ = [
     "BATCH_FEATURES", "build_dataset", "DataConfig", "DataIterator", "make_iterator",
     "DEFAULT_LINES_PER_DOCUMENT", "ensure_tfds_prepared", "lm_task", "register_text_file_task",
     "register_tfds_text_task", "split_into_documents", "TFDS_TEXT_DATASETS", "TfdsTextDataset",
-    "get_vocabulary", "HFTokenizerVocabulary", "vocabulary_name",
+    "get_vocabulary", "HFTokenizerVocabulary", "vocabulary_name", "user_histories",
 ]
