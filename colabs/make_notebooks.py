@@ -163,7 +163,7 @@ def coprocessor() -> nbformat.NotebookNode:
           "coprocessor as `transformers` models, the soft tokens, and `coprocessor_loader.py`, which runs "
           "the augmentation in PyTorch."),
       new_code_cell(
-          "import importlib.util, sys\n"
+          "import importlib.util\n"
           "import numpy as np, torch, jax.numpy as jnp\n"
           "from persona_jax import export, sampling\n\n"
           "export_dir = os.path.join(root, 'export')\n"

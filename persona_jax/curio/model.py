@@ -1,0 +1,77 @@
+"""CURIO's modules: the user model (belief over user types) and the agent policy.
+
+  * `UserModel`: a small classifier of its own on what the user said so far: a multi-hot of the
+    user's words (`tasks.reply_features`) -> a hidden layer -> logits over the K user types. It gives
+    the belief b_t for every prefix of a dialogue at once: `[batch, turns + 1, vocab] ->
+    [batch, turns + 1, K]`. Trained with `user_model_loss` on simulated dialogues.
+  * `build_policy`: the agent, a `persona_jax.nn` decoder producing utterances, wrapped in the RL
+    core's `PolicyWithValue` (value head for the turn-level baseline / GAE): a random preset over the
+    word vocabulary (tiny, the CPU benchmark) or a pretrained decoder with LoRA (SmolLM2, gin default).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persona_jax import nn as pnn
+from persona_jax.nn.layers import Linear, logical_param
+from persona_jax.rl import PolicyWithValue
+from persona_jax.train.losses import weighted_cross_entropy
+
+
+class UserModel(nnx.Module):
+  """Belief over user types from the user's words so far (a one-hidden-layer MLP)."""
+
+  def __init__(self, vocab_size: int, num_types: int, hidden_dim: int = 64, *, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.vocab_size = vocab_size
+    self.num_types = num_types
+    self.hidden = Linear(vocab_size, hidden_dim, in_axis="vocab", out_axis="mlp", rngs=rngs)
+    self.hidden_bias = logical_param(jnp.zeros((hidden_dim,)), ("mlp",))
+    self.out = Linear(hidden_dim, num_types, in_axis="mlp", out_axis=None, rngs=rngs)
+    self.out_bias = logical_param(jnp.zeros((num_types,)), (None,))
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    """Logits `[..., K]` from multi-hot user-word features `[..., vocab]`."""
+    h = jax.nn.relu(self.hidden(features.astype(jnp.float32)) + self.hidden_bias[...])
+    return self.out(h) + self.out_bias[...]
+
+  def beliefs(self, features: jax.Array) -> jax.Array:
+    """b = softmax(logits) `[..., K]`, fp32."""
+    return jax.nn.softmax(self(features), axis=-1)
+
+
+def user_model_loss(model: UserModel, batch: dict, rng: jax.Array):
+  """Cross-entropy of the true type at every dialogue prefix (`features [B, T+1, V]`,
+  `user_type [B]`); metrics include the accuracy after the whole dialogue (`final_accuracy`)."""
+  del rng
+  logits = model(batch["features"])  # [B, T+1, K]
+  targets = jnp.broadcast_to(batch["user_type"][:, None], logits.shape[:2])
+  loss, metrics = weighted_cross_entropy(logits, targets, jnp.ones(targets.shape, jnp.float32))
+  final_correct = jnp.argmax(logits[:, -1], axis=-1) == batch["user_type"]
+  return loss, {"cross_entropy": loss, "accuracy": metrics["accuracy"],
+                "final_accuracy": jnp.mean(final_correct.astype(jnp.float32))}
+
+
+def build_policy(*, vocab_size: int, model: str | None = "tiny_llama", pretrained: str | None = None,
+                 lora_rank: int = 0, seed: int = 0) -> tuple[PolicyWithValue, dict]:
+  """The agent: `PolicyWithValue` over a random preset (`model`, vocab = the word vocabulary) or a
+  pretrained decoder (`pretrained`, then `lora_rank` > 0 adds LoRA on q/v projections and only
+  LoRA + value head train). Returns (policy, description for checkpoints)."""
+  if (pretrained is None) == (model is None):
+    raise ValueError("curio.job: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct') or "
+                     "`model` (a random preset such as 'tiny_llama').")
+  if pretrained is not None:
+    from persona_jax.hf import load_pretrained  # only pretrained jobs pay for this import
+
+    decoder = load_pretrained(pretrained, with_tokenizer=False).decoder
+    base = {"pretrained": pretrained}
+  else:
+    decoder = pnn.build_decoder(pnn.get_config(model, vocab_size=vocab_size), seed)
+    base = {"preset": model, "vocab_size": vocab_size, "seed": seed}
+  if lora_rank > 0:
+    pnn.inject_lora(decoder, projections=("q_proj", "v_proj"), rank=lora_rank, alpha=2.0 * lora_rank,
+                    name="curio")
+  return PolicyWithValue(decoder), base
