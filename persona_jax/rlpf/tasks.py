@@ -117,16 +117,23 @@ def movielens_favorite_genre_examples(users: Sequence[uh.UserHistory], genres: S
 
 def amazon_future_category_examples(users: Sequence[uh.UserHistory], categories: Sequence[str], *,
                                     num_history: int, seed: int = 0) -> list[dict]:
-  """Examples for "the category of the next purchase" (main category of the held-out review)."""
+  """Examples for "the category of the next purchase" (main category of the held-out review).
+
+  A user whose held-out product has no main category in its metadata (12 of the 691 users of the
+  shared slice) has no label: such users are left out, and how many is printed.
+  """
   question = "In which category will this user's next purchase be?"
-  examples = []
+  examples, unlabeled = [], 0
   for user in users:
     future = user.heldout[0]
     if not future.categories:
-      raise ValueError(f"rlpf.tasks: Amazon user {user.user_id!r}: the held-out review's product has "
-                       f"no main_category; fix the row or use amazon_future_rating.")
+      unlabeled += 1
+      continue
     examples.append(_multiple_choice(user, future.categories[0], categories, set(), question, seed,
                                      num_history, _render_products, DOMAIN_WORDS["amazon"]))
+  if unlabeled:
+    print(f"rlpf.tasks: amazon_future_category: left out {unlabeled} of {len(users)} users whose "
+          "held-out product has no main_category.")
   return examples
 
 

@@ -165,3 +165,17 @@ def test_movielens_seqio_task_holds_out_users(shared_dir):
   for example in test:
     assert example["options"][example["answer_index"]] not in example["history_text"]
     assert example["num_history_items"] <= 5
+
+
+def test_amazon_seqio_tasks_on_the_real_slice(shared_dir, capsys):
+  del shared_dir
+  for task_name in ("amazon_future_category", "amazon_future_rating"):
+    name = tasks.rlpf_task(task_name, num_history=4)
+    examples = tasks.load_examples(name, "test")
+    assert examples, task_name
+    for example in examples:
+      assert len(set(example["options"])) == 4, example
+      assert 0 <= example["answer_index"] < 4
+      assert example["num_history_items"] == 4  # each slice user has 4 reviews of context
+  # The test split has one user whose held-out product has no main category: left out, and said so.
+  assert "left out 1 of 23 users" in capsys.readouterr().out
