@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persona_jax import data as pdata
-from persona_jax import nn as pnn
 from persona_jax.coprocessor import eval as eval_lib
 from persona_jax.coprocessor import masks
 from persona_jax.coprocessor.model import CacheCoprocessor
+from persona_jax.hf.pretrained import load_job_decoder
 from persona_jax.train import workdir as workdir_lib
 from persona_jax.train.trainer import TrainConfig, Trainer, TrainResult
 
@@ -66,19 +66,6 @@ class CoprocessorJob:
   description: str
 
 
-def _load_decoder(pretrained: str | None, model: str | None, vocab_size: int, seed: int):
-  if (pretrained is None) == (model is None):
-    raise ValueError("coprocessor.train: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct', "
-                     "a Hugging Face dir or .gguf file) or `model` (a random preset such as 'tiny_llama').")
-  if pretrained is not None:
-    from persona_jax.hf import load_pretrained  # only jobs that load weights pay for this import
-
-    loaded = load_pretrained(pretrained, with_tokenizer=False)
-    return loaded.decoder, {"pretrained": str(loaded.source)}
-  config = pnn.get_config(model, vocab_size=vocab_size)
-  return pnn.build_decoder(config, seed), {"preset": model, "seed": seed, "vocab_size": vocab_size}
-
-
 @gin.configurable("job", module="coprocessor")
 def build_job(workdir: str, *, pretrained: str | None = "smollm2-135m-instruct",
               model: str | None = None, vocabulary: Any = None, variant: str = "full",
@@ -112,7 +99,9 @@ def build_job(workdir: str, *, pretrained: str | None = "smollm2-135m-instruct",
   if vocabulary is None:
     vocabulary = pretrained if pretrained is not None else "bytes"
   vocab = pdata.get_vocabulary(vocabulary)
-  decoder, base = _load_decoder(pretrained, model, vocab.vocab_size, seed)
+  loaded = load_job_decoder("coprocessor.job", pretrained, model, vocab_size=vocab.vocab_size,
+                            seed=seed)
+  decoder, base = loaded.decoder, loaded.base
   if decoder.config.vocab_size < vocab.vocab_size:
     raise ValueError(f"coprocessor.train: vocabulary {pdata.vocabulary_name(vocab)} has "
                      f"{vocab.vocab_size} ids but the decoder has {decoder.config.vocab_size} rows.")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persona_jax import nn as pnn
+from persona_jax.hf.pretrained import load_job_decoder
 from persona_jax.nn.layers import Linear, logical_param
 from persona_jax.rl import PolicyWithValue
 from persona_jax.train.losses import weighted_cross_entropy
@@ -60,17 +61,8 @@ def build_policy(*, vocab_size: int, model: str | None = "tiny_llama", pretraine
   """The agent: `PolicyWithValue` over a random preset (`model`, vocab = the word vocabulary) or a
   pretrained decoder (`pretrained`, then `lora_rank` > 0 adds LoRA on q/v projections and only
   LoRA + value head train). Returns (policy, description for checkpoints)."""
-  if (pretrained is None) == (model is None):
-    raise ValueError("curio.job: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct') or "
-                     "`model` (a random preset such as 'tiny_llama').")
-  if pretrained is not None:
-    from persona_jax.hf import load_pretrained  # only pretrained jobs pay for this import
-
-    decoder = load_pretrained(pretrained, with_tokenizer=False).decoder
-    base = {"pretrained": pretrained}
-  else:
-    decoder = pnn.build_decoder(pnn.get_config(model, vocab_size=vocab_size), seed)
-    base = {"preset": model, "vocab_size": vocab_size, "seed": seed}
+  loaded = load_job_decoder("curio.job", pretrained, model, vocab_size=vocab_size, seed=seed)
+  decoder, base = loaded.decoder, loaded.base
   if lora_rank > 0:
     pnn.inject_lora(decoder, projections=("q_proj", "v_proj"), rank=lora_rank, alpha=2.0 * lora_rank,
                     name="curio")

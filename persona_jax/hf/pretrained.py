@@ -35,8 +35,8 @@ from persona_jax.hf import hf_config, mapping
 from persona_jax.hf.gguf_file import GGUFFile
 from persona_jax.hf.tokenizer import (read_tokenizer_dir, special_tokens_from_gguf_metadata,
                                       tokenizer_from_gguf_metadata, write_tokenizer_dir)
-from persona_jax.nn.config import DecoderConfig
-from persona_jax.nn.decoder import Decoder
+from persona_jax.nn.config import DecoderConfig, get_config
+from persona_jax.nn.decoder import Decoder, build_decoder
 from persona_jax.nn.lora import lora_sites
 
 
@@ -301,6 +301,39 @@ def load_pretrained(source: str | os.PathLike, dtype=jnp.float32, *, with_tokeni
       tokenizer, template, special = read_tokenizer_dir(path)
   return Pretrained(decoder=_build_decoder(config, params), config=config, tokenizer=tokenizer,
                     chat_template=template, source=str(path), special_tokens=special)
+
+
+@dataclasses.dataclass
+class JobDecoder:
+  """The decoder a job was configured with (`load_job_decoder`).
+
+  decoder: the decoder.
+  base: what checkpoints record about it: {"pretrained": resolved source} or {"preset": name,
+    "vocab_size": ..., "seed": ...} (the frozen weights are never saved, only this pointer).
+  pretrained: the `Pretrained` it came from (tokenizer, chat template), None for a random preset.
+  """
+  decoder: Decoder
+  base: dict
+  pretrained: Pretrained | None
+
+
+def load_job_decoder(job: str, pretrained: str | os.PathLike | None = None, model: str | None = None,
+                     *, vocab_size: int | None = None, seed: int = 0, with_tokenizer: bool = False,
+                     dtype=jnp.float32) -> JobDecoder:
+  """A job's decoder: pretrained weights (`pretrained`, anything `load_pretrained` takes) or a random
+  preset (`model`, e.g. 'tiny_llama' for tests and smoke configs, `vocab_size` rows); exactly one.
+
+  `job` names the gin prefix in the error, e.g. "coprocessor.job".
+  """
+  if (pretrained is None) == (model is None):
+    raise ValueError(f"{job}: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct', a Hugging "
+                     "Face dir or a .gguf file) or `model` (a random preset such as 'tiny_llama').")
+  if pretrained is not None:
+    loaded = load_pretrained(pretrained, dtype, with_tokenizer=with_tokenizer)
+    return JobDecoder(loaded.decoder, {"pretrained": loaded.source}, loaded)
+  config = get_config(model) if vocab_size is None else get_config(model, vocab_size=vocab_size)
+  return JobDecoder(build_decoder(config, seed),
+                    {"preset": model, "vocab_size": config.vocab_size, "seed": seed}, None)
 
 
 def load_tokenizer(source: str | os.PathLike, revision: str | None = None

@@ -34,6 +34,7 @@ from flax import nnx
 
 from persona_jax import data as pdata
 from persona_jax import nn as pnn
+from persona_jax.hf.pretrained import load_job_decoder
 from persona_jax.milp import eval as eval_lib
 from persona_jax.milp import tasks
 from persona_jax.milp.model import MemoryLayout, inject_memory, memory_filter
@@ -309,17 +310,6 @@ class MilpJob:
     return MemoryLayout.from_json(best["layout"]), records
 
 
-def _load_decoder(pretrained: str | None, model: str | None, vocab_size: int, seed: int):
-  if (pretrained is None) == (model is None):
-    raise ValueError("milp.job: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct') or `model` "
-                     "(a random preset such as 'tiny_llama').")
-  if pretrained is not None:
-    from persona_jax.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    loaded = load_pretrained(pretrained, with_tokenizer=False)
-    return loaded.decoder, str(pretrained)
-  return pnn.build_decoder(pnn.get_config(model, vocab_size=vocab_size), seed), None
-
-
 @gin.configurable("job", module="milp")
 def build_job(workdir: str, *, pretrained: str | None = "smollm2-135m-instruct", model: str | None = None,
               vocabulary: Any = None, dataset: str = "synthetic_persona_chat",
@@ -359,7 +349,8 @@ def build_job(workdir: str, *, pretrained: str | None = "smollm2-135m-instruct",
   if vocabulary is None:
     vocabulary = pretrained if pretrained is not None else "bytes"
   vocab = pdata.get_vocabulary(vocabulary)
-  base, source = _load_decoder(pretrained, model, vocab.vocab_size, seed)
+  loaded = load_job_decoder("milp.job", pretrained, model, vocab_size=vocab.vocab_size, seed=seed)
+  base, source = loaded.decoder, loaded.base.get("pretrained")
   if base.config.vocab_size < vocab.vocab_size:
     raise ValueError(f"milp.job: vocabulary has {vocab.vocab_size} ids but the decoder has "
                      f"{base.config.vocab_size} rows.")

@@ -31,6 +31,7 @@ import numpy as np
 from persona_jax import data as pdata
 from persona_jax import nn as pnn
 from persona_jax import rl
+from persona_jax.hf.pretrained import load_job_decoder
 from persona_jax.rlpf import eval as eval_lib
 from persona_jax.rlpf import tasks
 from persona_jax.rlpf.model import Predictor, RewardConfig, TextCodec, summary_rewards
@@ -59,19 +60,13 @@ class RLPFJob:
 
 
 def _load(pretrained: str | None, model: str | None, vocabulary: Any, seed: int):
-  if (pretrained is None) == (model is None):
-    raise ValueError("rlpf.job: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct') or "
-                     "`model` (a random preset such as 'tiny_llama').")
-  if pretrained is not None:
-    from persona_jax.hf import load_pretrained
-
-    loaded = load_pretrained(pretrained)
-    codec = TextCodec(pdata.get_vocabulary(vocabulary or pretrained), loaded.chat_template)
-    return loaded.decoder, codec, {"pretrained": str(loaded.source)}
-  vocab = pdata.get_vocabulary(vocabulary or "bytes")
-  config = pnn.get_config(model, vocab_size=vocab.vocab_size)
-  return (pnn.build_decoder(config, seed), TextCodec(vocab),
-          {"preset": model, "seed": seed, "vocab_size": vocab.vocab_size})
+  if model is not None and pretrained is None:
+    vocab = pdata.get_vocabulary(vocabulary or "bytes")
+    loaded = load_job_decoder("rlpf.job", model=model, vocab_size=vocab.vocab_size, seed=seed)
+    return loaded.decoder, TextCodec(vocab), loaded.base
+  loaded = load_job_decoder("rlpf.job", pretrained, model, with_tokenizer=True, seed=seed)
+  codec = TextCodec(pdata.get_vocabulary(vocabulary or pretrained), loaded.pretrained.chat_template)
+  return loaded.decoder, codec, loaded.base
 
 
 def make_reward_fn(predictor: Predictor, codec: TextCodec, reward_config: RewardConfig,

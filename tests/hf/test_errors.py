@@ -238,3 +238,13 @@ def test_truncated_gguf(tiny_gguf, tmp_path, keep_fraction):
   cut.write_bytes(data[:int(len(data) * keep_fraction)])
   with pytest.raises(ValueError, match=r"cut\.gguf.*(truncated|corrupt)"):
     load_pretrained(cut, with_tokenizer=False)
+
+
+def test_load_job_decoder_needs_exactly_one_source():
+  from persona_jax.hf import load_job_decoder
+  for kwargs in ({}, {"pretrained": "smollm2-135m-instruct", "model": "tiny_llama"}):
+    with pytest.raises(ValueError, match=r"my_room\.job: set exactly one of `pretrained`"):
+      load_job_decoder("my_room.job", **kwargs)
+  loaded = load_job_decoder("my_room.job", model="tiny_llama", vocab_size=259, seed=3)
+  assert loaded.pretrained is None and loaded.decoder.config.vocab_size == 259
+  assert loaded.base == {"preset": "tiny_llama", "vocab_size": 259, "seed": 3}
