@@ -24,13 +24,12 @@ import math
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from persona_jax.hf.staging import checked_output_dir, staged_directory
 from persona_jax.nn.decoder import Decoder
 from persona_jax.nn.lora import get_projection, inject_lora, lora_sites
 
@@ -117,15 +116,8 @@ def save_peft_adapters(decoder: Decoder, out_dir: str | os.PathLike, names: Sequ
   bad = [n for n in names if not n or "/" in n or n.startswith(".")]
   if bad:
     raise ValueError(f"save_peft_adapters: adapter name(s) {bad} cannot be directory names; rename them.")
-  out_dir = pathlib.Path(out_dir).expanduser().absolute()
-  if out_dir.exists() and not out_dir.is_dir():
-    raise FileExistsError(f"{out_dir} exists and is not a directory; choose another out_dir.")
-  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it, or choose an empty "
-                          "directory.")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  try:
+  out_dir = checked_output_dir(out_dir, overwrite)
+  with staged_directory(out_dir) as staging:
     for name in names:
       sites = by_name[name]
       tensors = {}
@@ -137,16 +129,6 @@ def save_peft_adapters(decoder: Decoder, out_dir: str | os.PathLike, names: Sequ
       save_file(tensors, str(staging / name / WEIGHTS_FILE), metadata={"format": "pt"})
       config = _adapter_config(sites, base_model_name_or_path)
       (staging / name / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    if out_dir.exists():
-      backup = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-      os.rename(out_dir, backup / "old")
-      os.rename(staging, out_dir)
-      shutil.rmtree(backup, ignore_errors=True)
-    else:
-      os.rename(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return {name: out_dir / name for name in names}
 
 

@@ -21,8 +21,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Sequence
 
 import jax
@@ -33,6 +31,7 @@ from tokenizers import Tokenizer
 
 from persona_jax.hf import hf_config, mapping
 from persona_jax.hf.gguf_file import GGUFFile
+from persona_jax.hf.staging import checked_output_dir, staged_directory
 from persona_jax.hf.tokenizer import (read_tokenizer_dir, special_tokens_from_gguf_metadata,
                                       tokenizer_from_gguf_metadata, write_tokenizer_dir)
 from persona_jax.nn.config import DecoderConfig, get_config
@@ -398,34 +397,17 @@ def save_pretrained(decoder: Decoder, out_dir: str | os.PathLike, tokenizer: Tok
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   _check_exportable(decoder)
-  out_dir = pathlib.Path(out_dir).expanduser().absolute()
-  if out_dir.exists() and not out_dir.is_dir():
-    raise FileExistsError(f"{out_dir} exists and is not a directory; choose another out_dir.")
-  if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it, or choose an empty "
-                          "directory.")
+  out_dir = checked_output_dir(out_dir, overwrite)
   config = decoder.config
   tensors = export_tensors(decoder)
   hf = hf_config.to_hf_config(config)
   hf["torch_dtype"] = hf["dtype"] = next(iter(tensors.values())).dtype.name
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  try:
+  with staged_directory(out_dir) as staging:
     save_file(tensors, str(staging / SAFETENSORS_FILE), metadata={"format": "pt"})
     (staging / "config.json").write_text(json.dumps(hf, indent=2))
     if tokenizer is not None or chat_template is not None:
       write_tokenizer_dir(staging, tokenizer, chat_template, special_tokens, config.max_positions)
-    if out_dir.exists():
-      backup = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-      os.rename(out_dir, backup / "old")
-      os.rename(staging, out_dir)
-      shutil.rmtree(backup, ignore_errors=True)
-    else:
-      os.rename(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return out_dir
 
 
