@@ -1,4 +1,9 @@
-"""User-LLM evaluation: multiple-choice accuracy / Recall@K over held-out users.
+"""User-LLM evaluation: multiple-choice accuracy / Recall@K over held-out users; for review
+generation (task amazon_review) greedy generation with `persona_jax.sampling` and ROUGE-Lsum.
+
+Generation runs through the cross-attention path only: the user tokens go to the gated
+cross-attention hooks as `side_inputs`; the soft-prompt integration cannot generate here because
+`sampling.prefill` takes token ids, not input embeddings (build_job rejects that combination).
 
 Gin job `user_llm.evaluate` restores a trained stage-2 run from its workdir (same gin config) in a
 fresh process and prints the test-user metrics.
@@ -13,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from persona_jax import sampling
 from persona_jax.user_llm import model as model_lib
 from persona_jax.user_llm import tasks
 
@@ -42,6 +48,66 @@ def evaluate_choices(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]]
   return metrics
 
 
+@nnx.jit(static_argnums=2)
+def _review_loss(model: nnx.Module, batch: dict, method: str):
+  return model_lib.review_loss(model_lib.review_logits(model, batch, method), batch)[0]
+
+
+@nnx.jit
+def _user_tokens(model: model_lib.UserLLM, features: dict):
+  return model.user_tokens(features)
+
+
+def generate_reviews(model: nnx.Module, batch: dict, method: str, vocabulary, max_new_tokens: int
+                     ) -> tuple[list[str], np.ndarray]:
+  """Greedy continuations of the batch's LEFT-padded prompts, up to `max_new_tokens` tokens or EOS.
+
+  `method='user_llm'` (cross-attention integration): the user tokens of the batch's histories are
+  passed as `side_inputs` to both `sampling.prefill` and `sampling.decode`, so every prompt and
+  generated token attends to them. `method='text_prompt'`: the plain decoder.
+  Returns (decoded texts without the EOS, int32 `[B, max_new_tokens]` generated ids).
+  """
+  if method == "user_llm":
+    if model.integration != "cross_attention":
+      raise ValueError("generate_reviews: only the cross-attention User-LLM can generate (sampling.prefill "
+                       "takes token ids, not the soft prompt's embeddings).")
+    features = {name: batch[name] for name in (*tasks.HISTORY_FEATURES, "history_mask")}
+    decoder, side_inputs = model.decoder, {"user_tokens": _user_tokens(model, features)}
+  else:
+    decoder, side_inputs = model, None
+  prompt_length = batch["prompt_tokens"].shape[1]
+  state = sampling.prefill(decoder, batch["prompt_tokens"], batch["prompt_mask"],
+                           sampling.round_up(prompt_length + max_new_tokens, 64), side_inputs=side_inputs)
+  result = sampling.decode(decoder, state, max_new_tokens=max_new_tokens, stop_tokens=(vocabulary.eos_id,),
+                           pad_id=vocabulary.pad_id, side_inputs=side_inputs)
+  tokens, lengths, done = (np.asarray(x) for x in (result.tokens, result.lengths, result.done))
+  texts = [vocabulary.decode([int(t) for t in row[:length - int(stopped)]])
+           for row, length, stopped in zip(tokens, lengths, done)]
+  return texts, tokens
+
+
+def evaluate_reviews(model: nnx.Module, batches: Iterable[dict], method: str, vocabulary, max_new_tokens: int,
+                     samples: list | None = None) -> dict[str, float]:
+  """ROUGE-Lsum of greedy generations against the full references (`ReviewBatches(references=True)`),
+  teacher-forced `target_ce`, `examples`, and `targets_truncated` (targets cut to the batch width
+  for `target_ce`). Appends (reference, generated) pairs to `samples` if given."""
+  predictions, references, ce, counts, truncated = [], [], [], [], 0
+  for batch in batches:
+    arrays = {name: value for name, value in batch.items() if name != "references"}
+    ce.append(float(_review_loss(model, arrays, method)) * float(arrays["target_mask"].sum()))
+    counts.append(float(arrays["target_mask"].sum()))
+    texts, _ = generate_reviews(model, arrays, method, vocabulary, max_new_tokens)
+    predictions += texts
+    references += batch["references"]
+    truncated += int(arrays["target_truncated"].sum())
+  if not predictions:
+    raise ValueError("evaluate_reviews: the evaluation split is empty.")
+  if samples is not None:
+    samples.extend(zip(references, predictions))
+  return {"rougeLsum": tasks.rouge_lsum(predictions, references), "target_ce": sum(ce) / sum(counts),
+          "examples": float(len(predictions)), "targets_truncated": float(truncated)}
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
   return ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
 
@@ -54,6 +120,6 @@ def evaluate(workdir: str, **overrides) -> dict[str, float]:
   job = build_job(workdir, **overrides)
   if job.trainer.restore() is None:
     raise ValueError(f"user_llm.evaluate: {workdir} holds no checkpoint; train first (user_llm.train).")
-  metrics = evaluate_choices(job.trainer.model(), job.eval_batches(), job.method)
+  metrics = job.evaluate(job.trainer.model())
   print(f"{job.description}, test users: {format_metrics(metrics)}", flush=True)
   return metrics

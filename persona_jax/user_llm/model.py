@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persona_jax import nn as pnn
+from persona_jax.train import losses
 from persona_jax.nn.layers import GatedMLP, Linear, RMSNorm, logical_param
 
 NUM_RATING_BUCKETS = 11  # 0 = padding, 1..10 = rating 0.5..5 in halves
@@ -389,3 +390,28 @@ def choice_loss(option_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array,
   loss = -jnp.take_along_axis(log_probs, labels[:, None], -1).mean()
   accuracy = (jnp.argmax(option_logits, -1) == labels).astype(jnp.float32).mean()
   return loss, {"choice_ce": loss, "accuracy": accuracy}
+
+
+def review_sequence(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """LEFT-padded prompt + RIGHT-padded target (tasks.ReviewBatches) -> `tokens, mask` `[B, P + S]`."""
+  tokens = jnp.concatenate([batch["prompt_tokens"], batch["target_tokens"]], axis=1)
+  mask = jnp.concatenate([batch["prompt_mask"], batch["target_mask"]], axis=1).astype(bool)
+  return tokens, mask
+
+
+def review_logits(model: nnx.Module, batch: dict, method: str) -> jax.Array:
+  """Teacher-forced logits `[B, P + S, vocab]` of prompt + target: a `UserLLM` (`method='user_llm'`,
+  conditioned on the batch's history) or a plain decoder ('text_prompt')."""
+  tokens, mask = review_sequence(batch)
+  if method == "user_llm":
+    return model(batch, tokens, mask)
+  return model(tokens, positions=pnn.positions_from_mask(mask), attention_mask=pnn.padded_causal_mask(mask)).logits
+
+
+def review_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy of the target tokens (EOS included) given `review_logits`; the prompt is
+  not trained on. Metrics: `target_ce`, `token_accuracy`."""
+  prompt_length = batch["prompt_tokens"].shape[1]
+  loss, metrics = losses.weighted_cross_entropy(logits[:, prompt_length - 1:-1], batch["target_tokens"],
+                                                batch["target_mask"])
+  return loss, {"target_ce": loss, "token_accuracy": metrics["accuracy"]}

@@ -7,6 +7,9 @@ Tasks (all are "choose the right option" so quality is exact: accuracy and Recal
   favorite_genre   MovieLens: the genre most frequent among the user's NEXT `future_items` items (the
                    held-out future), among `num_options` genres.
   amazon_rating    Amazon 2023 slice: the star rating (1-5) the user gives the held-out product.
+  amazon_review    Amazon 2023 slice, GENERATION (not a choice): the user's held-out review (its title
+                   by default, or its text: `review_field`) given the held-out product's title in the
+                   prompt and the user's earlier reviews as history; ROUGE-Lsum (see ReviewExample).
   next_item        (user-encoder pretraining, no text) windows of `max_length` items of every training
                    user's full sequence; next-item cross-entropy per feature (see model.next_item_loss).
 
@@ -32,7 +35,8 @@ from persona_jax.data.vocabularies import get_vocabulary, vocabulary_name
 from persona_jax.user_llm.model import MAX_CATEGORIES
 
 LETTERS = "ABCDEFGHIJ"
-TASK_KINDS = ("next_movie", "favorite_genre", "amazon_rating")
+TASK_KINDS = ("next_movie", "favorite_genre", "amazon_rating", "amazon_review")
+REVIEW_FIELDS = ("title", "text")
 HISTORY_FEATURES = ("item_ids", "ratings", "genre_bits")
 
 
@@ -224,6 +228,39 @@ def amazon_rating_examples(users: Sequence[uh.UserHistory]) -> list[ChoiceExampl
   return examples
 
 
+@dataclasses.dataclass(frozen=True)
+class ReviewExample:
+  """One review-generation example before tokenization: `target` follows `prompt`."""
+  user_id: str
+  context: tuple[uh.Interaction, ...]  # the history the model sees (oldest first), never the held-out review
+  prompt: str
+  target: str
+
+
+def review_prompt(product_title: str, field: str) -> str:
+  """The prompt text (the text-prompt baseline puts the rendered history before it, as choice_prompt)."""
+  return f"Product: {product_title}\nThe user's review {field}: "
+
+
+def amazon_review_examples(users: Sequence[uh.UserHistory], field: str = "title") -> list[ReviewExample]:
+  """The user's held-out review (`field`: its 'title' or its 'text') for the held-out product.
+
+  Raises ValueError naming the user when that review's `field` is empty (nothing to generate or
+  score): remove the row from the file or pick the other `field`.
+  """
+  if field not in REVIEW_FIELDS:
+    raise ValueError(f"amazon_review: review_field={field!r}; use one of {REVIEW_FIELDS}.")
+  examples = []
+  for user in users:
+    target = user.heldout[0]
+    text = (target.review_title if field == "title" else target.review_text).strip()
+    if not text:
+      raise ValueError(f"amazon_review: user {user.user_id!r}'s held-out review has an empty {field}; remove "
+                       f"that row or use review_field='{'text' if field == 'title' else 'title'}'.")
+    examples.append(ReviewExample(user.user_id, user.interactions, review_prompt(target.title, field), text))
+  return examples
+
+
 # ------------------------------------------------------------------------------------------------
 # SeqIO
 # ------------------------------------------------------------------------------------------------
@@ -366,11 +403,16 @@ class ChoiceBatches(Iterator[dict[str, np.ndarray]]):
     if not rows or (self.drop_remainder and len(rows) < self.batch_size):
       raise StopIteration
     self.consumed += len(rows)
+    return self._collate(rows)
+
+  def _collate(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
     return collate(rows, self.max_length, self.max_prompt_length)
 
 
-def collate(rows: Sequence[dict], max_length: int, max_prompt_length: int | None) -> dict[str, np.ndarray]:
-  """Rows of a task's numpy dataset -> one batch (see ChoiceBatches)."""
+def collate(rows: Sequence[dict], max_length: int, max_prompt_length: int | None, choices: bool = True
+            ) -> dict[str, np.ndarray]:
+  """Rows of a task's numpy dataset -> one batch (see ChoiceBatches); `choices=False`: no options/label
+  (review generation)."""
   batch = pad_histories(rows, max_length)
   batch["num_truncated"] = np.asarray([row["num_truncated"] for row in rows], np.int32)
   if "prompt" in rows[0]:
@@ -386,9 +428,90 @@ def collate(rows: Sequence[dict], max_length: int, max_prompt_length: int | None
       if length:
         batch["prompt_tokens"][index, -length:] = row["prompt"]
         batch["prompt_mask"][index, -length:] = True
-    batch["options"] = np.stack([row["options"] for row in rows]).astype(np.int32)
-    batch["label"] = np.asarray([row["label"] for row in rows], np.int32)
+    if choices:
+      batch["options"] = np.stack([row["options"] for row in rows]).astype(np.int32)
+      batch["label"] = np.asarray([row["label"] for row in rows], np.int32)
   return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Review generation (amazon_review)
+# ------------------------------------------------------------------------------------------------
+def register_review_task(name: str, examples_by_split: dict[str, Sequence[ReviewExample]], spec: ChoiceTaskSpec,
+                         vocabulary) -> str:
+  """Registers a SeqIO task over in-memory review examples: `prompt` tokenized without EOS, `target`
+  tokenized with EOS (so the model learns to stop); the untokenized target stays as
+  `target_pretokenized` (the ROUGE reference). Re-registering a name replaces it. Returns the name."""
+  vocabulary = get_vocabulary(vocabulary)
+  encoded = {}
+  for split, examples in examples_by_split.items():
+    rows = []
+    for example in examples:
+      context = example.context
+      if spec.history_items is not None:
+        context = context[max(0, len(context) - spec.history_items):]
+      prompt = example.prompt
+      if spec.text_history_items is not None:
+        history_text = uh.render_history_text(context, max_items=spec.text_history_items,
+                                              fields=spec.history_fields)
+        prompt = f"The user's history, oldest first:\n{history_text}\n\n{prompt}"
+      rows.append(dict(history_example(context, spec.items, spec.categories, spec.max_length), prompt=prompt,
+                       target=example.target))
+    encoded[split] = rows
+  signature = {"prompt": tf.TensorSpec([], tf.string), "target": tf.TensorSpec([], tf.string),
+               "num_truncated": tf.TensorSpec([], tf.int32),
+               **{feature: tf.TensorSpec([None], tf.int32) for feature in HISTORY_FEATURES}}
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one in-memory "file"; the task shuffles examples
+    rows = encoded[split]
+    return tf.data.Dataset.from_generator(lambda: iter(rows), output_signature=signature)
+
+  source = seqio.FunctionDataSource(dataset_fn, splits=tuple(encoded),
+                                    num_input_examples={split: len(rows) for split, rows in encoded.items()})
+  features = {"prompt": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+              "target": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  task = seqio.Task(name, source=source, output_features=features,
+                    preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+                    shuffle_buffer_size=10_000)
+  task.longest_prompt = max((len(vocabulary.encode(row["prompt"])) for rows in encoded.values() for row in rows),
+                            default=0)
+  seqio.TaskRegistry.add_provider(name, task)
+  return name
+
+
+class ReviewBatches(ChoiceBatches):
+  """Batches of a task registered by `register_review_task`: history features and `history_mask`
+  `[B, max_length]`; `prompt_tokens` / `prompt_mask` `[B, max_prompt_length]` LEFT-padded;
+  `target_tokens` / `target_mask` `[B, max_target_length]` RIGHT-padded (EOS included);
+  `target_truncated` [B] bool; `num_truncated` [B]; with `references=True` also `references`, a list
+  of the B full target strings (keep it out of training batches: it is not an array).
+
+  So `concatenate([prompt_tokens, target_tokens], 1)` is one contiguous sequence per row. A prompt
+  longer than `max_prompt_length` raises (never cut). A target longer than `max_target_length` keeps
+  its first `max_target_length` tokens and is flagged in `target_truncated` (counted in the
+  evaluation's `targets_truncated`); ROUGE still scores against the full reference.
+  """
+
+  def __init__(self, task: str, split: str, *, max_target_length: int, references: bool = False, **kwargs):
+    self.max_target_length, self.references = max_target_length, references
+    super().__init__(task, split, **kwargs)
+
+  def _collate(self, rows: Sequence[dict]) -> dict:
+    targets = [row["target"] for row in rows]
+    batch = collate(rows, self.max_length, self.max_prompt_length, choices=False)
+    batch["target_tokens"] = np.zeros((len(rows), self.max_target_length), np.int32)
+    batch["target_mask"] = np.zeros((len(rows), self.max_target_length), bool)
+    for index, target in enumerate(targets):
+      kept = target[:self.max_target_length]
+      batch["target_tokens"][index, :len(kept)] = kept
+      batch["target_mask"][index, :len(kept)] = True
+    batch["target_truncated"] = np.asarray([len(target) > self.max_target_length for target in targets])
+    if self.references:
+      batch["references"] = [row["target_pretokenized"].decode("utf-8") for row in rows]
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,6 +527,18 @@ def choice_metrics(option_logits: np.ndarray, labels: np.ndarray, recall_at: Seq
   for k in recall_at:
     metrics[f"recall@{k}"] = float(np.mean(rank < k))
   return metrics
+
+
+def rouge_lsum(predictions: Sequence[str], references: Sequence[str]) -> float:
+  """Mean ROUGE-Lsum F-measure (rouge-score's `RougeScorer(["rougeLsum"])`, defaults: no stemming;
+  sentences are split on newlines) of predictions against references, in [0, 1]."""
+  from rouge_score import rouge_scorer
+
+  if len(predictions) != len(references) or not predictions:
+    raise ValueError(f"rouge_lsum: {len(predictions)} predictions for {len(references)} references.")
+  scorer = rouge_scorer.RougeScorer(["rougeLsum"])
+  return float(np.mean([scorer.score(reference, prediction)["rougeLsum"].fmeasure
+                        for prediction, reference in zip(predictions, references)]))
 
 
 def describe(task: str) -> str:

@@ -7,8 +7,10 @@
 Stage 1 (`user_llm.pretrain_encoder`, builder `user_llm.encoder_job`): the user encoder alone, trained
 by next-item prediction (cross-entropy per feature), reporting Recall@K on held-out users.
 Stage 2 (`user_llm.train`, builder `user_llm.job`): the User-LLM (or, with `method='text_prompt'`,
-the text-prompt baseline) on a multiple-choice task; the trained part is what `strategy` names. With
-`encoder_workdir` the stage-1 encoder is restored into the User-LLM first.
+the text-prompt baseline) on a multiple-choice task, or (task='amazon_review') on review generation
+trained with the LM loss on the target tokens and evaluated by ROUGE-Lsum of greedy generations
+(gin/user_llm_review_smoke.gin); the trained part is what `strategy` names. With `encoder_workdir`
+the stage-1 encoder is restored into the User-LLM first.
 
 Both builders return an object whose `.trainer` is a core `Trainer`, so the stage-1 trainer of a
 run is `build_encoder_job(workdir).trainer` and the stage-2 trainer `build_job(workdir).trainer`.
@@ -28,6 +30,7 @@ from flax import nnx
 from persona_jax import data as pdata
 from persona_jax import nn as pnn
 from persona_jax.data import user_histories as uh
+from persona_jax.hf.pretrained import load_job_decoder
 from persona_jax.train.trainer import TrainConfig, Trainer
 from persona_jax.user_llm import eval as eval_lib
 from persona_jax.user_llm import model as model_lib
@@ -163,20 +166,17 @@ class UserLLMJob:
   description: str
   task_name: str
   spec: tasks.ChoiceTaskSpec
-  examples: dict[str, list[tasks.ChoiceExample]]
+  examples: dict[str, list]  # tasks.ChoiceExample, or tasks.ReviewExample for amazon_review
   vocabulary: Any
+  task_kind: str
+  max_target_length: int
 
-
-def load_decoder(pretrained: str | None, model: str | None, vocab_size: int, seed: int):
-  """The frozen decoder: pretrained weights or a random preset (tests)."""
-  if (pretrained is None) == (model is None):
-    raise ValueError("user_llm.job: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct') or "
-                     "`model` (a random preset such as 'tiny_llama').")
-  if pretrained is not None:
-    from persona_jax.hf import load_pretrained
-
-    return load_pretrained(pretrained, with_tokenizer=False).decoder
-  return pnn.build_decoder(pnn.get_config(model, vocab_size=vocab_size), seed)
+  def evaluate(self, model: nnx.Module, samples: list | None = None) -> dict[str, float]:
+    """Test-user metrics of `model`: choice metrics, or ROUGE-Lsum / target_ce for amazon_review."""
+    if self.task_kind == "amazon_review":
+      return eval_lib.evaluate_reviews(model, self.eval_batches(), self.method, self.vocabulary,
+                                       self.max_target_length, samples)
+    return eval_lib.evaluate_choices(model, self.eval_batches(), self.method)
 
 
 def _user_llm_loss(model, batch, rng):
@@ -187,6 +187,16 @@ def _user_llm_loss(model, batch, rng):
 def _text_prompt_loss(model, batch, rng):
   del rng
   return model_lib.choice_loss(model_lib.text_prompt_option_logits(model, batch), batch["label"])
+
+
+def _user_llm_review_loss(model, batch, rng):
+  del rng
+  return model_lib.review_loss(model_lib.review_logits(model, batch, "user_llm"), batch)
+
+
+def _text_prompt_review_loss(model, batch, rng):
+  del rng
+  return model_lib.review_loss(model_lib.review_logits(model, batch, "text_prompt"), batch)
 
 
 def text_prompt_filter(strategy: str):
@@ -205,7 +215,7 @@ def build_job(workdir: str | None, *, method: str = "user_llm", pretrained: str 
               resampler_layers: int = 2, cross_attention_layers: Any = None, lora_rank: int = 8,
               num_options: int = 5, shuffle_options: bool = True, examples_per_user: int = 4,
               text_history_items: int = 50, text_history_fields: Any = ("title", "categories", "rating"),
-              history_items: int | None = None,
+              history_items: int | None = None, review_field: str = "title", max_target_length: int = 64,
               max_prompt_length: int | None = 256, batch_size: int = 8, eval_batch_size: int = 16,
               encoder_workdir: str | None = None, seed: int = 0, train_config: TrainConfig | None = None,
               data: UserData | None = None, decoder: pnn.Decoder | None = None) -> UserLLMJob:
@@ -217,7 +227,11 @@ def build_job(workdir: str | None, *, method: str = "user_llm", pretrained: str 
       `text_history_items` most recent items).
     pretrained / model / vocabulary: the decoder (pretrained weights, or a random preset with
       `vocabulary`, default 'bytes') and the prompt tokenizer (default: the pretrained model's).
-    task: one of tasks.TASK_KINDS. integration / strategy: see model.UserLLM.
+    task: one of tasks.TASK_KINDS. integration / strategy: see model.UserLLM. amazon_review needs the
+      cross-attention integration (generation passes the user tokens as side inputs).
+    review_field / max_target_length: amazon_review only: generate the held-out review's 'title' or
+      'text'; targets are cut to `max_target_length` tokens (EOS included) for the loss, counted in
+      `targets_truncated`, and generation stops after that many tokens.
     num_latents: M user tokens. cross_attention_layers: decoder layers followed by gated
       cross-attention (default: every ~num_layers/4-th layer counted from the last).
     num_options: options per question; shuffle_options=False keeps them fixed (favorite_genre).
@@ -234,19 +248,28 @@ def build_job(workdir: str | None, *, method: str = "user_llm", pretrained: str 
   train_config = train_config or TrainConfig()
   data = data or load_user_data()
   vocab = pdata.get_vocabulary(vocabulary if vocabulary is not None else (pretrained or "bytes"))
-  decoder = decoder if decoder is not None else load_decoder(pretrained, model, vocab.vocab_size, seed)
+  decoder = decoder if decoder is not None else load_job_decoder(
+      "user_llm.job", pretrained, model, vocab_size=vocab.vocab_size, seed=seed).decoder
   config = encoder_config(len(data.items), len(data.categories))
-  examples = choice_examples(data, task, num_options=num_options, examples_per_user=examples_per_user, seed=seed,
-                             shuffle_options=shuffle_options)
+  review = task == "amazon_review"
+  if review and method == "user_llm" and integration != "cross_attention":
+    raise ValueError(f"user_llm.job: task='amazon_review' needs integration='cross_attention' (got "
+                     f"{integration!r}): generation passes the user tokens as side inputs; sampling.prefill "
+                     f"takes token ids, so the soft prompt cannot generate.")
+  if review:
+    examples = {split: tasks.amazon_review_examples(users, review_field) for split, users in data.users.items()}
+  else:
+    examples = choice_examples(data, task, num_options=num_options, examples_per_user=examples_per_user,
+                               seed=seed, shuffle_options=shuffle_options)
   spec = tasks.ChoiceTaskSpec(items=data.items, categories=data.categories, max_length=config.max_length,
                               text_history_items=text_history_items if method == "text_prompt" else None,
                               history_items=history_items, history_fields=tuple(text_history_fields))
   history_tag = (f"text{text_history_items}_{'_'.join(text_history_fields)}" if method == "text_prompt"
                  else "embed") + f".h{history_items}"
   history_tag += "" if shuffle_options else ".fixed"
-  task_name = tasks.register_choice_task(
-      f"user_llm.{task}.{data.name}.{pdata.vocabulary_name(vocab)}.{history_tag}.{config.max_length}",
-      examples, spec, vocab)
+  register = tasks.register_review_task if review else tasks.register_choice_task
+  task_name = register(f"user_llm.{task}{'_' + review_field if review else ''}.{data.name}."
+                       f"{pdata.vocabulary_name(vocab)}.{history_tag}.{config.max_length}", examples, spec, vocab)
   if max_prompt_length is None:
     max_prompt_length = -(-tasks.longest_prompt(task_name) // 64) * 64
   if method == "user_llm":
@@ -259,18 +282,22 @@ def build_job(workdir: str | None, *, method: str = "user_llm", pretrained: str 
         raise ValueError(f"user_llm.job.encoder_workdir={encoder_workdir!r} holds no checkpoint: run "
                          f"gin/user_encoder_pretrain.gin there first.")
       nnx.update(module.user_encoder, nnx.state(encoder_job.trainer.model()))
-    loss_fn, trainable = _user_llm_loss, module.trainable_filter()
+    loss_fn, trainable = _user_llm_review_loss if review else _user_llm_loss, module.trainable_filter()
     description = f"User-LLM {integration}, strategy {strategy}, M={num_latents}"
   else:
     if strategy == "lora":
       pnn.inject_lora(decoder, rank=lora_rank, name="text_prompt", seed=seed)
-    module, loss_fn, trainable = decoder, _text_prompt_loss, text_prompt_filter(strategy)
+    module, trainable = decoder, text_prompt_filter(strategy)
+    loss_fn = _text_prompt_review_loss if review else _text_prompt_loss
     description = f"text prompt ({text_history_items} items), strategy {strategy}"
 
   def batches(split, shuffle, repeat, size):
-    return tasks.ChoiceBatches(task_name, split, batch_size=size, max_length=config.max_length,
-                               max_prompt_length=max_prompt_length, seed=seed, shuffle=shuffle,
-                               repeat=repeat, drop_remainder=repeat)
+    kwargs = dict(batch_size=size, max_length=config.max_length, max_prompt_length=max_prompt_length, seed=seed,
+                  shuffle=shuffle, repeat=repeat, drop_remainder=repeat)
+    if review:  # evaluation batches carry the reference strings for ROUGE
+      return tasks.ReviewBatches(task_name, split, max_target_length=max_target_length, references=not repeat,
+                                 **kwargs)
+    return tasks.ChoiceBatches(task_name, split, **kwargs)
 
   trainer = Trainer(module, loss_fn, train_config, trainable=trainable, workdir=workdir,
                     checkpoint_metadata={"stage": "user_llm", "method": method, "task": task_name,
@@ -278,7 +305,7 @@ def build_job(workdir: str | None, *, method: str = "user_llm", pretrained: str 
   return UserLLMJob(trainer=trainer, train_data=batches("train", True, True, batch_size),
                     eval_batches=lambda: batches("test", False, False, eval_batch_size), method=method,
                     description=f"{description}, {task} on {data.name}", task_name=task_name, spec=spec,
-                    examples=examples, vocabulary=vocab)
+                    examples=examples, vocabulary=vocab, task_kind=task, max_target_length=max_target_length)
 
 
 @gin.configurable("train", module="user_llm")
@@ -288,9 +315,12 @@ def train(workdir: str, **overrides) -> dict[str, float]:
   job = build_job(workdir, **overrides)
   count = sum(x.size for x in jax.tree.leaves(nnx.state(job.trainer.model(), job.trainer.trainable_filter)))
   print(f"user_llm: {job.description}; {count:,} trainable parameters", flush=True)
-  before = eval_lib.evaluate_choices(job.trainer.model(), job.eval_batches(), job.method)
+  before = job.evaluate(job.trainer.model())
   result = job.trainer.train(job.train_data)
-  after = eval_lib.evaluate_choices(job.trainer.model(), job.eval_batches(), job.method)
+  samples: list = []
+  after = job.evaluate(job.trainer.model(), samples)
+  for reference, generated in samples[:3]:  # review generation: show a few
+    print(f"  reference: {reference!r}\n  generated: {generated!r}", flush=True)
   print(f"test users, before training: {eval_lib.format_metrics(before)}", flush=True)
   print(f"test users, after {result.step} steps: {eval_lib.format_metrics(after)}", flush=True)
   with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
