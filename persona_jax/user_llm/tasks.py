@@ -303,6 +303,18 @@ def register_choice_task(name: str, examples_by_split: dict[str, Sequence[Choice
                "label": tf.TensorSpec([], tf.int32), "num_truncated": tf.TensorSpec([], tf.int32),
                **{feature: tf.TensorSpec([None], tf.int32) for feature in HISTORY_FEATURES}}
 
+  features = {"prompt": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)}
+  return _register_in_memory_task(name, encoded, signature, features, [seqio.preprocessors.tokenize],
+                                  vocabulary)
+
+
+def _register_in_memory_task(name: str, encoded: dict[str, list[dict]], signature: dict,
+                             features: dict, preprocessors: list, vocabulary) -> str:
+  """Registers (replacing) a SeqIO task over in-memory rows `{split: [row, ...]}`; returns `name`.
+
+  The task records `longest_prompt` (tokens of its longest prompt) for the batchers' length check.
+  """
+
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one in-memory "file"; the task shuffles examples
     rows = encoded[split]
@@ -310,10 +322,9 @@ def register_choice_task(name: str, examples_by_split: dict[str, Sequence[Choice
 
   source = seqio.FunctionDataSource(dataset_fn, splits=tuple(encoded),
                                     num_input_examples={split: len(rows) for split, rows in encoded.items()})
-  features = {"prompt": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)}
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
-  task = seqio.Task(name, source=source, output_features=features, preprocessors=[seqio.preprocessors.tokenize],
+  task = seqio.Task(name, source=source, output_features=features, preprocessors=preprocessors,
                     shuffle_buffer_size=10_000)
   task.longest_prompt = max((len(vocabulary.encode(row["prompt"])) for rows in encoded.values() for row in rows),
                             default=0)
@@ -462,24 +473,11 @@ def register_review_task(name: str, examples_by_split: dict[str, Sequence[Review
                "num_truncated": tf.TensorSpec([], tf.int32),
                **{feature: tf.TensorSpec([None], tf.int32) for feature in HISTORY_FEATURES}}
 
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed  # one in-memory "file"; the task shuffles examples
-    rows = encoded[split]
-    return tf.data.Dataset.from_generator(lambda: iter(rows), output_signature=signature)
-
-  source = seqio.FunctionDataSource(dataset_fn, splits=tuple(encoded),
-                                    num_input_examples={split: len(rows) for split, rows in encoded.items()})
   features = {"prompt": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
               "target": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  task = seqio.Task(name, source=source, output_features=features,
-                    preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-                    shuffle_buffer_size=10_000)
-  task.longest_prompt = max((len(vocabulary.encode(row["prompt"])) for rows in encoded.values() for row in rows),
-                            default=0)
-  seqio.TaskRegistry.add_provider(name, task)
-  return name
+  return _register_in_memory_task(
+      name, encoded, signature, features,
+      [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos], vocabulary)
 
 
 class ReviewBatches(ChoiceBatches):
