@@ -22,7 +22,6 @@ policy, or LoRA + value head on a pretrained one).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from persona_jax.curio import envs, rewards, tasks
 from persona_jax.curio import eval as eval_lib
 from persona_jax.curio.model import UserModel, build_policy, user_model_loss
 from persona_jax.nn import padded_causal_mask, positions_from_mask
+from persona_jax.train import workdir as workdir_lib
 from persona_jax.train.losses import weighted_cross_entropy
 from persona_jax.train.trainer import TrainConfig, Trainer
 
@@ -415,6 +415,5 @@ def train(workdir: str, **overrides) -> dict[str, Any]:
           f"{results['after_rl']['success_rate']:.3f} after; turns to identify "
           f"{results['before_rl']['turns_to_identify']:.2f} -> "
           f"{results['after_rl']['turns_to_identify']:.2f}", flush=True)
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    workdir_lib.write_json(workdir_lib.join(workdir, "final_metrics.json"), summary)
   return results

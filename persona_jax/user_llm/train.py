@@ -19,8 +19,6 @@ run is `build_encoder_job(workdir).trainer` and the stage-2 trainer `build_job(w
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 import gin
@@ -31,6 +29,7 @@ from persona_jax import data as pdata
 from persona_jax import nn as pnn
 from persona_jax.data import user_histories as uh
 from persona_jax.hf.pretrained import load_job_decoder
+from persona_jax.train import workdir as workdir_lib
 from persona_jax.train.trainer import TrainConfig, Trainer
 from persona_jax.user_llm import eval as eval_lib
 from persona_jax.user_llm import model as model_lib
@@ -149,8 +148,8 @@ def pretrain_encoder(workdir: str, **overrides) -> dict[str, float]:
   metrics = job.trainer.evaluate(job.eval_batches())
   print("user encoder, held-out users: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())),
         flush=True)
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump({"step": result.step, "train": result.metrics, "eval": metrics}, f, indent=2)
+  workdir_lib.write_json(workdir_lib.join(workdir, "final_metrics.json"),
+                         {"step": result.step, "train": result.metrics, "eval": metrics})
   return metrics
 
 
@@ -323,6 +322,6 @@ def train(workdir: str, **overrides) -> dict[str, float]:
     print(f"  reference: {reference!r}\n  generated: {generated!r}", flush=True)
   print(f"test users, before training: {eval_lib.format_metrics(before)}", flush=True)
   print(f"test users, after {result.step} steps: {eval_lib.format_metrics(after)}", flush=True)
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump({"step": result.step, "train": result.metrics, "untrained": before, "eval": after}, f, indent=2)
+  workdir_lib.write_json(workdir_lib.join(workdir, "final_metrics.json"),
+                         {"step": result.step, "train": result.metrics, "untrained": before, "eval": after})
   return after
