@@ -27,6 +27,7 @@ import gin
 from absl import app, flags, logging
 from etils import epath
 
+from persona_jax.train import trainer as trainer_lib
 from persona_jax.train import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -165,7 +166,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: use --gin_file / --gin_bindings / --workdir.")
   try:
-    run_main(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+    result = run_main(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+  except trainer_lib.Preempted as error:  # a job that called raise_if_preempted()
+    print(f"preempted: {error}", file=sys.stderr, flush=True)
+    sys.exit(trainer_lib.PREEMPTED_EXIT_CODE)
   except USER_ERROR_TYPES as error:
     if FLAGS.traceback:
       raise
@@ -173,6 +177,18 @@ def main(argv):
     print(f"error: {type(error).__name__}: {error}\n(run with --traceback for the full traceback)",
           file=sys.stderr, flush=True)
     sys.exit(1)
+  exit_if_preempted(result)
+
+
+# Preemption (issue 19): a SIGTERM-ed run saved a checkpoint; exit 75 so the launcher reruns it.
+def exit_if_preempted(result=None) -> None:
+  """Exits with `PREEMPTED_EXIT_CODE` when a Trainer of this process stopped on SIGTERM (or the job's
+  result, a TrainResult or a dict, says `preempted`)."""
+  flagged = result.get("preempted") if isinstance(result, dict) else getattr(result, "preempted", False)
+  if trainer_lib.was_preempted() or flagged is True:
+    print(f"preempted: checkpoint saved; exiting with status {trainer_lib.PREEMPTED_EXIT_CODE} so the "
+          "launcher reruns this command to resume.", file=sys.stderr, flush=True)
+    sys.exit(trainer_lib.PREEMPTED_EXIT_CODE)
 
 
 def entry_point():

@@ -183,9 +183,29 @@ def optimizer_state_shardings(tx, params_shardings: Any, abstract_opt_state: Any
       is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+def check_batch_divides(mesh: Mesh, batch_size: int,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES, what: str = "The batch") -> None:
+  """Raises ValueError unless `batch_size` rows split evenly over the mesh's data-parallel devices
+  (otherwise the batch would be silently replicated: every device computing every row)."""
+  parallel = data_parallel_size(mesh, rules)
+  if batch_size % parallel:
+    shape = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    raise ValueError(
+        f"{what} has {batch_size} rows, which do not split over the {parallel} data-parallel devices of "
+        f"the mesh ({shape}); it would be replicated on every device instead. Fix: make the global "
+        f"batch size a multiple of {parallel}, or change the mesh (TrainConfig.mesh_data / mesh_fsdp).")
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_size: int,
-                   rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
-  """Sharding of a `[batch, ...]` array: the batch dim over the data-parallel axes, the rest replicated."""
+                   rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES, *,
+                   allow_replicated: bool = False) -> NamedSharding:
+  """Sharding of a `[batch, ...]` array: the batch dim over the data-parallel axes, the rest replicated.
+
+  A batch that does not divide over the data-parallel devices raises (see `check_batch_divides`)
+  unless `allow_replicated` (evaluation of a last, partial batch): then it is replicated.
+  """
+  if not allow_replicated:
+    check_batch_divides(mesh, batch_size, rules)
   spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch_size,) + (1,) * (ndim - 1), mesh,
                          rules, name="batch")
   return NamedSharding(mesh, spec)
@@ -205,7 +225,8 @@ def data_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AX
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh,
                  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
-                 process_local: bool = False) -> dict[str, jax.Array]:
+                 process_local: bool = False, *, allow_replicated: bool = False
+                 ) -> dict[str, jax.Array]:
   """Places a host batch on the mesh, sharded over its batch dim.
 
   Args:
@@ -214,6 +235,8 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh,
       read in full by every process) and contributes the shards its devices hold. True: each process
       holds only its own slice of rows (`persona_jax.data` with `shard_index=jax.process_index()`,
       `num_shards=jax.process_count()`); the global batch is their concatenation in process order.
+    allow_replicated: replicate a batch whose rows do not divide over the data-parallel devices
+      instead of raising (evaluation only).
   Returns:
     `{name: jax.Array [global_rows, ...]}`.
   """
@@ -222,10 +245,11 @@ def global_batch(batch: dict[str, np.ndarray], mesh: Mesh,
     value = np.asarray(value)
     if process_local:
       global_rows = value.shape[0] * jax.process_count()
-      sharding = batch_sharding(mesh, value.ndim, global_rows, rules)
+      sharding = batch_sharding(mesh, value.ndim, global_rows, rules, allow_replicated=allow_replicated)
       out[key] = jax.make_array_from_process_local_data(sharding, value,
                                                         (global_rows,) + value.shape[1:])
     else:
-      sharding = batch_sharding(mesh, value.ndim, value.shape[0], rules)
+      sharding = batch_sharding(mesh, value.ndim, value.shape[0], rules,
+                                allow_replicated=allow_replicated)
       out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
   return out

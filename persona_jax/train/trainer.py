@@ -55,6 +55,59 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or the gradient norm became NaN/Inf; the bad state was not saved."""
 
 
+class StuckTrainingError(FloatingPointError):
+  """The gradient norm was exactly 0 for `TrainConfig.stop_after_zero_grad_steps` consecutive steps."""
+
+
+# Preemption ---------------------------------------------------------------------------------------
+# A run stopped by SIGTERM (TPU VM / Slurm / Kubernetes preemption notice) saves a checkpoint and exits
+# with this status (sysexits' EX_TEMPFAIL) so launchers and schedulers know to rerun the same command,
+# which resumes from that checkpoint. Exit 0 means finished, 1 a user error, anything else a crash.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """Raised by `raise_if_preempted()`: the run was stopped by SIGTERM after saving a checkpoint.
+
+  `persona_jax.main` turns it into exit status `PREEMPTED_EXIT_CODE`."""
+
+
+class PreemptionState:
+  """Process-wide record that a Trainer stopped because of SIGTERM (set by `Trainer.train`).
+
+  Jobs may return anything (a dict, a TrainResult); `persona_jax.main` checks `was_preempted()` after
+  the job returns and exits with `PREEMPTED_EXIT_CODE`.
+  """
+
+  def __init__(self):
+    self.preempted_at_step: int | None = None
+
+  def mark(self, step: int) -> None:
+    self.preempted_at_step = int(step)
+
+  def clear(self) -> None:
+    self.preempted_at_step = None
+
+
+PREEMPTION = PreemptionState()
+
+
+def was_preempted() -> bool:
+  """True once any Trainer in this process stopped on SIGTERM (until `clear_preemption()`)."""
+  return PREEMPTION.preempted_at_step is not None
+
+
+def clear_preemption() -> None:
+  PREEMPTION.clear()
+
+
+def raise_if_preempted() -> None:
+  """Jobs call this after `trainer.train(...)` to skip their final evaluation/export when preempted."""
+  if was_preempted():
+    raise Preempted(f"Preempted (SIGTERM) at step {PREEMPTION.preempted_at_step}; the checkpoint is "
+                    "saved: rerun the same command to resume.")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -78,6 +131,12 @@ class TrainConfig:
     num_eval_batches: batches per evaluation (None: until the eval iterator ends).
     log_every: console progress line / TensorBoard every this many steps.
     seed: the RNG seed of the loss function's `rng` argument.
+    stop_after_zero_grad_steps: stop with `StuckTrainingError` when the gradient norm is exactly 0.0
+      for this many consecutive steps (saturated parameters, e.g. a far too high learning rate);
+      0 disables the check. A NaN/Inf loss or gradient norm always stops the run.
+
+  Every field is checked on construction (type and range); a bad value raises `ValueError` naming the
+  field and the fix, before any work starts.
   """
 
   num_steps: int = 100
@@ -101,6 +160,10 @@ class TrainConfig:
   num_eval_batches: int | None = None
   log_every: int = 10
   seed: int = 0
+  stop_after_zero_grad_steps: int = 10
+
+  def __post_init__(self):
+    _validate_train_config(self)
 
   def optimizer(self) -> optax.GradientTransformation:
     return make_optimizer(
@@ -111,6 +174,64 @@ class TrainConfig:
 
   def mesh(self) -> Mesh:
     return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_tensor)
+
+
+def _validate_train_config(config: "TrainConfig") -> None:
+  """Types and ranges of every TrainConfig field: one ValueError naming the field and the fix."""
+  def fail(name: str, rule: str, example) -> None:
+    raise ValueError(f"TrainConfig.{name}={getattr(config, name)!r}: must be {rule}. Fix: e.g. "
+                     f"--gin_bindings='TrainConfig.{name} = {example}'.")
+
+  def is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+  def is_real(value) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and
+            not isinstance(value, (bool, np.bool_)) and math.isfinite(float(value)))
+
+  int_rules = {  # name: (lowest allowed value, rule text, example)
+      "num_steps": (1, "an integer >= 1", 100), "warmup_steps": (0, "an integer >= 0", 10),
+      "num_microbatches": (1, "an integer >= 1", 1),
+      "checkpoint_every": (0, "an integer >= 0 (0: only at the end)", 100),
+      "keep_checkpoints": (1, "an integer >= 1 (0 would delete every checkpoint)", 3),
+      "eval_every": (0, "an integer >= 0 (0: only at the end)", 0),
+      "log_every": (1, "an integer >= 1", 10),
+      "stop_after_zero_grad_steps": (0, "an integer >= 0 (0 disables the check)", 10)}
+  for name, (lowest, rule, example) in int_rules.items():
+    value = getattr(config, name)
+    if not is_int(value) or value < lowest:
+      fail(name, rule, example)
+  if not is_int(config.seed):
+    fail("seed", "an integer", 0)
+  for name in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
+    value = getattr(config, name)
+    if not is_int(value) or not (value == -1 or value >= 1):
+      fail(name, "an integer >= 1, or -1 for the remaining devices", -1 if name == "mesh_data" else 1)
+  if config.num_eval_batches is not None and (not is_int(config.num_eval_batches) or
+                                              config.num_eval_batches < 1):
+    fail("num_eval_batches", "None (the whole eval set) or an integer >= 1", "None")
+  real_rules = {  # name: (check, rule text, example)
+      "learning_rate": (lambda v: v >= 0, "a finite number >= 0", 1e-3),
+      "final_learning_rate_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]", 0.1),
+      "weight_decay": (lambda v: v >= 0, "a finite number >= 0", 0.0),
+      "b1": (lambda v: 0 <= v < 1, "a number in [0, 1)", 0.9),
+      "b2": (lambda v: 0 <= v < 1, "a number in [0, 1)", 0.95),
+      "eps": (lambda v: v > 0, "a finite number > 0", 1e-8)}
+  for name, (check, rule, example) in real_rules.items():
+    value = getattr(config, name)
+    if not is_real(value) or not check(float(value)):
+      fail(name, rule, example)
+  if config.max_grad_norm is not None and not is_real(config.max_grad_norm):
+    fail("max_grad_norm", "None (no clipping) or a finite number (<= 0 also disables clipping)", 1.0)
+  if not isinstance(config.async_checkpointing, (bool, np.bool_)):
+    fail("async_checkpointing", "True or False", True)
+  if config.compute_dtype is not None:
+    try:
+      floating = jnp.issubdtype(jnp.dtype(config.compute_dtype), jnp.floating)
+    except TypeError:
+      floating = False
+    if not isinstance(config.compute_dtype, str) or not floating:
+      fail("compute_dtype", "None or the name of a floating dtype ('bfloat16', 'float32')", '"bfloat16"')
 
 
 @dataclasses.dataclass
@@ -287,8 +408,9 @@ class Trainer:
   def _global_rows(self, rows: int) -> int:
     return rows * jax.process_count() if self.process_local_batches else rows
 
-  def _device_batch(self, batch):
-    return partitioning.global_batch(batch, self.mesh, self.rules, self.process_local_batches)
+  def _device_batch(self, batch, allow_replicated: bool = False):
+    return partitioning.global_batch(batch, self.mesh, self.rules, self.process_local_batches,
+                                     allow_replicated=allow_replicated)
 
   def _batch_shardings(self, batch):
     return {k: partitioning.batch_sharding(self.mesh, np.ndim(v), self._global_rows(np.shape(v)[0]),
@@ -302,6 +424,8 @@ class Trainer:
       if self._global_rows(np.shape(value)[0]) % num_micro:
         raise ValueError(f"Batch feature {name!r} has {np.shape(value)[0]} rows, not a multiple of "
                          f"TrainConfig.num_microbatches={num_micro}.")
+      partitioning.check_batch_divides(self.mesh, self._global_rows(np.shape(value)[0]), self.rules,
+                                       what=f"The training batch (feature {name!r})")
     batch_shardings = self._batch_shardings(batch)
     replicated = partitioning.replicated(self.mesh)
     jitted = jax.jit(self._train_step,
@@ -355,8 +479,8 @@ class Trainer:
     for batch in batches:
       if num_batches is not None and count >= num_batches:
         break
-      metrics = self._compiled_eval(self.state.params, self.frozen,
-                                    self._device_batch(batch))
+      metrics = self._compiled_eval(self.state.params, self.frozen,  # a last partial batch may replicate
+                                    self._device_batch(batch, allow_replicated=True))
       for name, value in jax.device_get(metrics).items():
         sums[name] = sums.get(name, 0.0) + float(value)
       count += 1
@@ -387,10 +511,14 @@ class Trainer:
     if checkpointer is None:
       raise ValueError("Trainer.restore needs a workdir: pass workdir= to the Trainer.")
     try:
-      step = checkpointer.latest_step() if step is None else step
-      if step is None:
+      if step is not None:
+        self.state, data_state, _ = checkpointer.restore(step, self.state)
+        return data_state
+      # The newest checkpoint that reads; broken or empty step directories are named and skipped.
+      restored = checkpointer.restore_latest(self.state)
+      if restored is None:
         return None
-      self.state, data_state, _ = checkpointer.restore(step, self.state)
+      _, self.state, data_state, _ = restored
       return data_state
     finally:
       checkpointer.close()
@@ -421,6 +549,14 @@ class Trainer:
       A `TrainResult` (final step, last metrics, last eval metrics, whether SIGTERM stopped it).
     Raises:
       NonFiniteLossError: the loss or gradient norm became NaN/Inf (that state is not saved).
+      StuckTrainingError: the gradient norm was exactly 0 for `stop_after_zero_grad_steps` steps.
+      CheckpointReadError: the workdir has checkpoints but none of them reads.
+
+    Preemption: on SIGTERM the loop saves a checkpoint after the current step, skips the final eval,
+    returns `preempted=True` and records it process-wide (`was_preempted()`), so `persona_jax.main`
+    exits with `PREEMPTED_EXIT_CODE` (75) and the launcher reruns the command to resume. A job should
+    return right after a preempted `train` (or call `raise_if_preempted()`), skipping its own final
+    evaluation and exports.
     """
     config = self.config
     checkpointer = self._checkpointer()
@@ -428,9 +564,15 @@ class Trainer:
     writer = MetricsWriter(os.path.join(self.workdir, "tensorboard") if self.workdir and is_chief
                            else None)
     start_step = 0
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-      latest = checkpointer.latest_step()
-      self.state, data_state, _ = checkpointer.restore(latest, self.state)
+    # A checkpoint is "known good" once a finite loss with a non-zero gradient was computed from the
+    # parameters it holds (the step after it was saved); only such a checkpoint is offered as the one
+    # to go back to when the run diverges.
+    last_saved: int | None = None
+    known_good: int | None = None
+    restored = checkpointer.restore_latest(self.state) if checkpointer is not None else None
+    if restored is not None:
+      latest, self.state, data_state, _ = restored
+      last_saved = latest
       start_step = int(jax.device_get(self.state.step))
       if data_state and hasattr(train_data, "set_state"):
         train_data.set_state(data_state)
@@ -442,10 +584,24 @@ class Trainer:
         print(f"Resumed from checkpoint step {latest} ({checkpointer.directory}).", flush=True)
 
     def save(step: int):
+      nonlocal last_saved
       if checkpointer is None:
         return
       data_state = train_data.get_state() if hasattr(train_data, "get_state") else {}
       checkpointer.save(step, self.state, data_state, self._meta())
+      last_saved = step
+
+    def go_back_advice() -> str:
+      if checkpointer is None:
+        return "No workdir, so no checkpoint to go back to."
+      checkpointer.wait()
+      if known_good is not None:
+        return (f"The last known-good checkpoint is step {known_good} in {checkpointer.directory} (a "
+                "finite loss was computed from it).")
+      if last_saved is not None:
+        return (f"No checkpoint is known to be good: step {last_saved} was saved but no finite, "
+                "still-learning step followed it, so it may hold the same problem.")
+      return "No checkpoint was saved before this."
 
     def run_eval(step: int) -> dict[str, float]:
       results = {}
@@ -467,6 +623,7 @@ class Trainer:
     eval_metrics: dict[str, float] = {}
     history = []
     preempted = False
+    zero_grad_since: int | None = None  # first step of the current run of exactly-zero grad norms
     iterator = iter(train_data) if not hasattr(train_data, "__next__") else train_data
     try:
       with _SigtermFlag() as sigterm:
@@ -479,17 +636,29 @@ class Trainer:
           metrics = self.step(batch)
           step += 1
           metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          if not (math.isfinite(metrics_host["loss"]) and math.isfinite(metrics_host["grad_norm"])):
-            last_good = None
-            if checkpointer is not None:
-              checkpointer.wait()
-              last_good = checkpointer.latest_step()
+          loss_value, grad_norm = metrics_host["loss"], metrics_host["grad_norm"]
+          if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             raise NonFiniteLossError(
-                f"Non-finite training loss at step {step} (loss={metrics_host['loss']}, "
-                f"grad_norm={metrics_host['grad_norm']}); stopped without saving it. The last good "
-                f"checkpoint is step {last_good}" +
-                (f" in {checkpointer.directory}." if checkpointer is not None else ".") +
-                " Lower the learning rate or check the data of this step.")
+                f"Non-finite training loss at step {step} (loss={loss_value}, grad_norm={grad_norm}); "
+                f"stopped without saving it. Likely cause: TrainConfig.learning_rate="
+                f"{config.learning_rate:g} is too high, or the data of step {step} holds NaN/Inf "
+                f"(loss weights, inputs). {go_back_advice()}")
+          if grad_norm == 0.0:
+            zero_grad_since = step if zero_grad_since is None else zero_grad_since
+            if (config.stop_after_zero_grad_steps and
+                step - zero_grad_since + 1 >= config.stop_after_zero_grad_steps):
+              raise StuckTrainingError(
+                  f"Training is stuck at step {step}: the gradient norm has been exactly 0.0 for "
+                  f"{step - zero_grad_since + 1} consecutive steps (since step {zero_grad_since}; loss "
+                  f"{loss_value:.6g}); stopped without saving. Likely cause: TrainConfig.learning_rate="
+                  f"{config.learning_rate:g} is far too high and saturated the parameters, or the loss "
+                  "does not depend on the trainable parameters (check the trainable filter and the "
+                  "loss weights). TrainConfig.stop_after_zero_grad_steps=0 disables this check. "
+                  f"{go_back_advice()}")
+          else:
+            zero_grad_since = None
+            # These metrics come from the parameters of the last save: that checkpoint is good.
+            known_good = last_saved
           history.append(dict(metrics_host, step=step))
           if step_callback is not None:
             step_callback(step, metrics_host, batch)
@@ -506,6 +675,7 @@ class Trainer:
             save(step)
           if stop:
             preempted = True
+            PREEMPTION.mark(step)
             logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
             if is_chief:
               print(f"SIGTERM: saved checkpoint at step {step}; exiting.", flush=True)

@@ -78,8 +78,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
   def remember(step, metrics, batch):
     good[step] = _numpy(trainer.state.params)
 
-  with pytest.raises(NonFiniteLossError, match=r"at step 3 .*last good checkpoint is step 2"):
-    trainer.train(CountingIterator(nan_at=3), step_callback=remember)
+  # Step 3's finite loss (from step 2's parameters) makes checkpoint 2 known good.
+  with pytest.raises(NonFiniteLossError, match=r"at step 4 .*last known-good checkpoint is step 2"):
+    trainer.train(CountingIterator(nan_at=4), step_callback=remember)
   checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
   assert checkpointer.latest_step() == 2
   restored, data_state, _ = checkpointer.restore(2, trainer.state)
