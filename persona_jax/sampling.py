@@ -35,6 +35,7 @@ from flax import nnx
 
 from persona_jax.nn.attention import cache_mask, init_cache, positions_from_mask
 from persona_jax.nn.decoder import Decoder
+from persona_jax.nn.quantization import convert_decoder_weights
 
 
 # State and results ----------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]] | tuple[Any, Any
              top_k: int | None = None, top_p: float | None = None,
              stop_tokens: Sequence[int] | None = None, pad_id: int | None = None,
              cache_bucket: int = 64, prompt_bucket: int = 16,
-             side_inputs: dict | None = None) -> GenerateResult:
+             side_inputs: dict | None = None, decode_weights: str = "float32") -> GenerateResult:
   """Prefill + decode.
 
   Args:
@@ -323,7 +324,13 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]] | tuple[Any, Any
       `()` to never stop early.
     cache_bucket: the cache length is rounded up to a multiple of this (fewer recompiles).
     prompt_bucket: list prompts are left-padded to a multiple of this length.
+    decode_weights: `'float32'` (the decoder as it is), `'bfloat16'` or `'int8'` (weight-only,
+      per-channel scales): the weights are converted once, before prefill, by
+      `persona_jax.nn.quantization.convert_decoder_weights`. When the same weights generate many
+      times, convert once yourself and pass the converted decoder (conversion is a pass over the
+      weights). Separate from the config's compute dtype.
   """
+  decoder = convert_decoder_weights(decoder, decode_weights)
   config = decoder.config
   if pad_id is None:
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0

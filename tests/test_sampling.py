@@ -281,3 +281,25 @@ def test_smollm2_greedy_matches_transformers_generate_and_answers_paris(smollm2_
     assert bool(ours.done[row]) == (want[-1] == eos)
   answer = smollm2.tokenizer.decode(ours.tokens[0, :int(ours.lengths[0])].tolist())
   assert "Paris" in answer, answer
+
+
+@pytest.mark.parametrize("decode_weights", ["bfloat16", "int8"])
+def test_decode_weights_generate_equals_converted_decoder_and_compiles_once(llama, decode_weights):
+  from persona_jax.nn import quantization  # pylint: disable=g-import-not-at-top
+  converted = quantization.convert_decoder_weights(llama, decode_weights)
+  expected = sampling.generate(converted, PROMPTS, max_new_tokens=STEPS, stop_tokens=())
+  prefill_programs = sampling._prefill_program._cache_size()
+  decode_programs = sampling._decode_donating._cache_size()
+  result = sampling.generate(llama, PROMPTS, max_new_tokens=STEPS, stop_tokens=(),
+                             decode_weights=decode_weights)
+  other = sampling.generate(nn.build_decoder(llama.config, seed=98), PROMPTS, max_new_tokens=STEPS,
+                            stop_tokens=(), decode_weights=decode_weights)
+  np.testing.assert_array_equal(result.tokens, expected.tokens)
+  np.testing.assert_array_equal(result.logprobs, expected.logprobs)
+  # One compilation per shape bucket: converting new weights does not recompile.
+  assert sampling._prefill_program._cache_size() == prefill_programs
+  assert sampling._decode_donating._cache_size() == decode_programs
+  assert not np.array_equal(np.asarray(result.logprobs), np.asarray(other.logprobs))
+  # Greedy from int8/bf16 weights stays close to fp32 on a tiny random model.
+  full = sampling.generate(llama, PROMPTS, max_new_tokens=STEPS, stop_tokens=())
+  assert np.abs(np.asarray(result.logprobs) - np.asarray(full.logprobs)).max() < 0.5

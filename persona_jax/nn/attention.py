@@ -93,6 +93,115 @@ def update_layer_cache(layer_cache: dict, k: jax.Array, v: jax.Array, positions:
   }
 
 
+# Kernels ------------------------------------------------------------------------------------------
+# All take grouped queries `q: [batch, seq, kv_heads, groups, head_dim]` (rotary applied, not yet
+# scaled), `k, v: [batch, keys, kv_heads, head_dim]`, and return `[batch, seq, kv_heads, groups,
+# head_dim]`. The einsum is the reference; the others equal it within 1e-5 in fp32 on the masks the
+# methods use (causal, padded, packed, sliding window, the coprocessor's trace masks).
+def resolve_attention_impl(config: DecoderConfig) -> str:
+  """The kernel `config.attention_impl` means on this backend.
+
+  `'auto'` keeps the reference einsum on CPU (so CPU numbers, checkpoints and result tables do not
+  change), picks cuDNN flash on GPU and Pallas splash on TPU (each falls back per call, see
+  `Attention.__call__`).
+  """
+  impl = config.attention_impl
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return "cudnn"
+  if backend == "tpu":
+    return "pallas"
+  return "einsum"
+
+
+def einsum_attention(q, k, v, mask, *, scale: float, softcap: float | None = None) -> jax.Array:
+  """The reference: explicit boolean `mask: [batch, seq, keys]`, fp32 logits and softmax."""
+  q = q * jnp.asarray(scale, q.dtype)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """A boolean mask `[...]` as an additive bias: 0 where allowed, a large finite negative elsewhere.
+
+  This is how an arbitrary mask (the coprocessor's trace masks) reaches a kernel that takes a bias.
+  """
+  return jnp.where(mask, jnp.asarray(0, dtype), jnp.asarray(jnp.finfo(dtype).min / 2, dtype))
+
+
+def dot_product_attention(q, k, v, mask, *, scale: float, implementation: str = "xla") -> jax.Array:
+  """`jax.nn.dot_product_attention` with the mask as the kernel takes it.
+
+  XLA takes the boolean mask as is; cuDNN gets it as a bias (any mask shape works, trace masks
+  included; the causal/padding fast paths of cuDNN need right padding, which left-padded prompts
+  and inserted latents are not).
+  """
+  batch, seq, kv_heads, groups, head_dim = q.shape
+  q = q.reshape(batch, seq, kv_heads * groups, head_dim)  # head h uses kv head h // groups
+  k = k.astype(q.dtype)
+  v = v.astype(q.dtype)
+  if implementation == "cudnn":
+    bias = mask_to_bias(mask, q.dtype)[:, None, :, :]
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale,
+                                       implementation="xla")
+  return out.reshape(batch, seq, kv_heads, groups, head_dim)
+
+
+def splash_block_size(seq: int) -> int | None:
+  """The splash block for a sequence length, or None when the length does not tile."""
+  for block in (512, 256, 128):  # splash computes in blocks of whole 128-lane tiles
+    if seq % block == 0:
+      return block
+  return None
+
+
+def splash_attention(q, k, v, segment_ids, *, scale: float, window: int | None = None,
+                     softcap: float | None = None, interpret: bool = False) -> jax.Array | None:
+  """Pallas splash attention (TPU; interpret mode elsewhere) for packed/padded causal attention.
+
+  The mask is what splash takes: causal (or causal + local window of `window` for gemma2's sliding
+  layers) over indices, and `segment_ids: [batch, seq]` (a query sees keys of its own segment).
+  Index distance equals rotary-position distance when positions are contiguous inside a segment.
+  Returns None (the caller falls back to the einsum) when the length does not tile into blocks.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+  batch, seq, kv_heads, groups, head_dim = q.shape
+  block = splash_block_size(seq)
+  if block is None or k.shape[1] != seq:
+    return None
+  if window is None:
+    head_mask = splash_mask.CausalMask((seq, seq))
+  else:  # q_pos - k_pos < window, and causal
+    head_mask = splash_mask.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+  block_sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mqa_single_device(
+      splash_mask.MultiHeadMask([head_mask] * groups), block_sizes=block_sizes,
+      attn_logits_soft_cap=softcap, interpret=interpret)
+  q = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, groups, seq, d]
+  k = k.astype(q.dtype).transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, d]
+  v = v.astype(q.dtype).transpose(0, 2, 1, 3)
+  segment_ids = segment_ids.astype(jnp.int32)
+
+  def one_row(q_row, k_row, v_row, segments):
+    ids = splash.SegmentIds(q=segments, kv=segments)
+    return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q_row, k_row, v_row)
+
+  out = jax.vmap(one_row)(q, k, v, segment_ids)  # [batch, kv_heads, groups, seq, d]
+  return out.transpose(0, 3, 1, 2, 4)
+
+
 # Attention ----------------------------------------------------------------------------------------
 class Attention(nnx.Module):
   """GQA self-attention with rotary embeddings, optional soft-capping and sliding window."""
@@ -118,12 +227,16 @@ class Attention(nnx.Module):
     return k, v
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+               cache: dict | None = None, segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, dict | None]:
     """Args:
       x: `[batch, seq, embed]`.
       positions: `[batch, seq]` rotary positions of `x`.
       mask: `[batch, seq, keys]` where keys is `seq` without a cache, the cache size with one.
       cache: this layer's cache dict; the new keys/values are written at its `length`.
+      segment_ids: optional `[batch, seq]` (0 = padding) saying that `mask` is exactly
+        `segment_causal_mask(segment_ids)` with positions contiguous inside each segment; the Pallas
+        splash kernel needs this structure (it cannot take a dense mask) and is used only with it.
     Returns:
       `[batch, seq, embed]` and the updated cache (None without one).
     """
@@ -148,14 +261,19 @@ class Attention(nnx.Module):
       mask = mask & (distance < cfg.sliding_window)
 
     groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim) * jnp.asarray(
-        cfg.query_scale, q.dtype)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap is not None:
-      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
+    impl = resolve_attention_impl(cfg)
+    out = None
+    if impl == "pallas" and cache is None and segment_ids is not None:
+      out = splash_attention(q, k, v, segment_ids, scale=cfg.query_scale,
+                             window=cfg.sliding_window if self.sliding else None,
+                             softcap=cfg.attn_logit_softcap, interpret=jax.default_backend() != "tpu")
+    elif impl in ("xla", "cudnn") and cfg.attn_logit_softcap is None:
+      # cuDNN flash wants half precision and more than one query; the decode step uses XLA's fusion.
+      use_cudnn = impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and seq > 1
+      out = dot_product_attention(q, k, v, mask, scale=cfg.query_scale,
+                                  implementation="cudnn" if use_cudnn else "xla")
+    if out is None:  # the reference; every kernel above equals it (tests/nn/test_attention_impls.py)
+      out = einsum_attention(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap)
     out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
     return self.o_proj(out), cache

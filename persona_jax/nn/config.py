@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 FAMILIES = ("llama", "gemma", "gemma2")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,15 @@ class DecoderConfig:
     bos_token_id / eos_token_id / pad_token_id: written on export; `eos_token_id` may be a tuple.
     dtype: compute dtype (`'float32'` or `'bfloat16'`); parameters are stored in `param_dtype`.
     remat: rematerialize each block in the backward pass (saves activation memory).
+    remat_policy: what a rematerialized block keeps from the forward pass, by name of a
+      `jax.checkpoint_policies` entry (`'nothing_saveable'` recomputes everything, as `remat=True`
+      did before; `'dots_with_no_batch_dims_saveable'` keeps the weight matmuls). Only read when
+      `remat` is True; None means `'nothing_saveable'`.
+    attention_impl: which attention kernel runs (see `persona_jax.nn.attention.resolve_attention_impl`):
+      `'auto'` picks per backend (CPU: the reference einsum, bit-identical to earlier releases; GPU:
+      cuDNN flash for bf16/fp16, XLA otherwise; TPU: Pallas splash where the mask is expressible);
+      `'einsum'`, `'xla'`, `'cudnn'`, `'pallas'` force one. A kernel that cannot express a call's
+      mask falls back to the einsum.
   """
 
   family: str
@@ -64,6 +75,8 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  remat_policy: str | None = None
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -74,6 +87,13 @@ class DecoderConfig:
     if self.rope_scaling is not None and dict(self.rope_scaling).get("rope_type", "default") not in (
         "default", "llama3"):
       raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r}: only rope_type 'llama3' is supported.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"DecoderConfig.attention_impl={self.attention_impl!r} is not supported; use one "
+                       f"of {ATTENTION_IMPLS}.")
+    if self.remat_policy is not None and not hasattr(jax.checkpoint_policies, self.remat_policy):
+      raise ValueError(f"DecoderConfig.remat_policy={self.remat_policy!r} is not a "
+                       "jax.checkpoint_policies name (e.g. 'nothing_saveable', "
+                       "'dots_with_no_batch_dims_saveable').")
     if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static argument)
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if isinstance(self.eos_token_id, list):

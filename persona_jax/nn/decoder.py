@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from persona_jax.nn.attention import Attention, causal_mask, cache_mask
+from persona_jax.nn.attention import Attention, causal_mask, cache_mask, segment_causal_mask
 from persona_jax.nn.config import DecoderConfig
 from persona_jax.nn.layers import GatedMLP, RMSNorm, logical_param
 
@@ -53,8 +53,8 @@ class Block(nnx.Module):
     self.post_mlp_norm = norm() if config.post_norms else nnx.data(None)
     self.after = nnx.data(None)  # optional method module: after(x, **side_inputs) -> x
 
-  def __call__(self, x, positions, mask, cache=None, side_inputs=None):
-    h, cache = self.attention(self.input_norm(x), positions, mask, cache)
+  def __call__(self, x, positions, mask, cache=None, side_inputs=None, segment_ids=None):
+    h, cache = self.attention(self.input_norm(x), positions, mask, cache, segment_ids=segment_ids)
     if self.post_attention_norm is not None:
       h = self.post_attention_norm(h)
     x = x + h
@@ -88,7 +88,11 @@ class Decoder(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """Token ids `[batch, seq]` -> embeddings `[batch, seq, embed]` (unscaled table rows)."""
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.compute_dtype)
+    rows = jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.compute_dtype)
+    row_scale = getattr(self, "embedding_scale", None)  # int8 decode weights (nn/quantization.py)
+    if row_scale is not None:
+      rows = rows * jnp.take(row_scale[...], tokens, axis=0).astype(rows.dtype)
+    return rows
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final norm + output projection + optional soft-cap, in fp32. `[.., embed] -> [.., vocab]`."""
@@ -97,9 +101,13 @@ class Decoder(nnx.Module):
     if self.lm_head is None:
       logits = jnp.einsum("...e,ve->...v", x, self.embedding[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
+      vocab_scale = getattr(self, "embedding_scale", None)  # [vocab, 1] per-row int8 scales
     else:
       logits = jnp.einsum("...e,ev->...v", x, self.lm_head[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
+      vocab_scale = getattr(self, "lm_head_scale", None)  # [1, vocab]
+    if vocab_scale is not None:
+      logits = logits * vocab_scale[...].reshape(-1).astype(jnp.float32)
     if cfg.final_logit_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits
@@ -107,7 +115,7 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
                positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
                cache: tuple[dict, ...] | None = None, side_inputs: dict | None = None,
-               return_logits: bool = True) -> DecoderOutput:
+               return_logits: bool = True, segment_ids: jax.Array | None = None) -> DecoderOutput:
     """Forward pass.
 
     Args:
@@ -121,6 +129,10 @@ class Decoder(nnx.Module):
       cache: kv cache from `init_cache`; the new keys/values are written at its `length`.
       side_inputs: keyword arguments for the `Block.after` modules a method installed.
       return_logits: False skips the output projection (hidden states only).
+      segment_ids: optional `[batch, seq]` packing/padding ids (0 = padding), with positions
+        contiguous inside each segment. Without an `attention_mask` they define it
+        (`segment_causal_mask`); they also let the Pallas splash kernel run
+        (`DecoderConfig.attention_impl`), which cannot take a dense mask. Without a cache only.
     """
     cfg = self.config
     if (tokens is None) == (embeddings is None):
@@ -132,6 +144,11 @@ class Decoder(nnx.Module):
     start = cache[0]["length"] if cache is not None else 0
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    if segment_ids is not None and cache is not None:
+      raise ValueError("Decoder: segment_ids describe a forward without a cache; pass an "
+                       "attention_mask over the cache slots instead.")
+    if attention_mask is None and segment_ids is not None:
+      attention_mask = segment_causal_mask(segment_ids)
     if attention_mask is None:
       if cache is None:
         attention_mask = causal_mask(seq, batch)
@@ -144,10 +161,11 @@ class Decoder(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = cache[i] if cache is not None else None
       if cfg.remat:
-        x, layer_cache = nnx.remat(lambda b, *a: b(*a))(block, x, positions, attention_mask,
-                                                         layer_cache, side_inputs)
+        policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
+        x, layer_cache = nnx.remat(lambda b, *a: b(*a), policy=policy)(
+            block, x, positions, attention_mask, layer_cache, side_inputs, segment_ids)
       else:
-        x, layer_cache = block(x, positions, attention_mask, layer_cache, side_inputs)
+        x, layer_cache = block(x, positions, attention_mask, layer_cache, side_inputs, segment_ids)
       if new_cache is not None:
         new_cache.append(layer_cache)
     logits = self.logits(x) if return_logits else None

@@ -111,6 +111,10 @@ class Linear(nnx.Module):
 
   `adapters` is an `nnx.Dict` of named `LoRA` modules (see `persona_jax.nn.lora`), empty by default,
   so several independent memories can sit on one projection.
+
+  Decode weights (`persona_jax.nn.quantization`) may store the kernel in bf16, or in int8 with a
+  `kernel_scale: [1, out]` attribute: `x @ (q * s) == (x @ q) * s` per output channel, so the scale is
+  applied to the (small) output instead of dequantizing the (large) kernel.
   """
 
   def __init__(self, in_features: int, out_features: int, *, in_axis: str | None,
@@ -129,6 +133,9 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     y = x @ self.kernel[...].astype(self.dtype)
+    kernel_scale = getattr(self, "kernel_scale", None)
+    if kernel_scale is not None:  # int8 weight-only kernel, per-output-channel scales `[1, out]`
+      y = y * kernel_scale[...].astype(self.dtype)
     for adapter in self.adapters.values():
       y = y + adapter(x)
     return y
