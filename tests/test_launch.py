@@ -101,7 +101,25 @@ state = json.load(open(state_file)) if os.path.exists(state_file) else {{"vm": N
 args = sys.argv[1:]
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
   log.write(json.dumps(args) + "\n")
-verb, code = args[3], 0
+code = 0
+if args[0] == "storage":  # the queued path: code upload, job status of attempt-K
+  if args[1] == "cat":
+    attempt = int(args[2].split("attempt-")[1].split("/")[0])
+    print(75 if attempt == 0 else os.environ.get("FAKE_JOB_STATUS", "0"))
+  sys.exit(0)
+verb = args[3]
+if args[2] == "queued-resources":
+  if verb == "describe":
+    if state.get("qr") is None:
+      sys.stderr.write("ERROR: NOT_FOUND\n"); code = 1
+    else:
+      print(state["qr"])
+  elif verb == "create":
+    state["qr"] = "ACTIVE"
+  elif verb == "delete":
+    state["qr"] = None
+  json.dump(state, open(state_file, "w"))
+  sys.exit(code)
 if verb == "describe":
   if state["vm"] is None:
     sys.stderr.write("ERROR: NOT_FOUND: tpu not found\n"); code = 1
@@ -113,7 +131,9 @@ elif verb == "delete":
   state["vm"] = None
 elif verb == "ssh" and "persona_jax.main" in args[-1]:
   state["runs"] += 1
-  if state["runs"] == 1:
+  if state["runs"] == 1 and os.environ.get("FAKE_FIRST_RUN") == "sigterm":
+    code = 75  # SIGTERM (e.g. maintenance): checkpoint saved, the VM stays READY
+  elif state["runs"] == 1:
     state["vm"] = "PREEMPTED"; code = 255
   else:
     code = int(os.environ.get("FAKE_JOB_STATUS", "0"))
@@ -122,7 +142,7 @@ sys.exit(code)
 '''
 
 
-def _fake_gcloud(tmp_path, job_status=0):
+def _fake_gcloud(tmp_path, job_status=0, first_run="preempted"):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   gcloud = bin_dir / "gcloud"
@@ -130,19 +150,23 @@ def _fake_gcloud(tmp_path, job_status=0):
   gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              FAKE_GCLOUD_STATE=str(tmp_path / "state.json"), FAKE_GCLOUD_LOG=str(tmp_path / "log"),
-             FAKE_JOB_STATUS=str(job_status))
+             FAKE_JOB_STATUS=str(job_status), FAKE_FIRST_RUN=first_run,
+             PERSONA_JAX_LAUNCH_POLL_SECONDS="0")
   return env
 
 
 def _verbs(tmp_path):
   calls = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
-  return [c[3] + (":job" if c[3] == "ssh" and "persona_jax.main" in c[-1] else "") for c in calls]
+  return [("storage:" + c[1]) if c[0] == "storage" else
+          ("qr:" if c[2] == "queued-resources" else "") + c[3] +
+          (":job" if c[3] == "ssh" and "persona_jax.main" in c[-1] else "") for c in calls]
 
 
 @pytest.mark.parametrize("job_status", [0, 1])
 def test_tpu_resume_loop_recreates_a_preempted_vm(tmp_path, job_status):
   env = _fake_gcloud(tmp_path, job_status)
-  result = _run(TPU, TPU_ARGS + ["--spot", f"--archive={tmp_path / 'code.tar.gz'}"], env=env)
+  result = _run(TPU, TPU_ARGS + ["--spot", "--skip_validation", f"--archive={tmp_path / 'code.tar.gz'}"],
+                env=env)
   assert (tmp_path / "code.tar.gz").stat().st_size > 0
   first = ["describe", "create", "scp", "ssh", "ssh:job", "describe"]
   # Preempted: the VM is deleted, re-created, reinstalled, and the same job runs again (resuming).
@@ -153,6 +177,86 @@ def test_tpu_resume_loop_recreates_a_preempted_vm(tmp_path, job_status):
   else:  # a failure on a READY VM is the job's own: reported, not retried
     assert result.returncode == 1 and "not retried" in result.stderr
     assert _verbs(tmp_path) == first + again + ["describe"]
+
+
+def test_tpu_exit_75_on_a_ready_vm_resumes_without_recreating(tmp_path):
+  env = _fake_gcloud(tmp_path, 0, first_run="sigterm")
+  result = _run(TPU, TPU_ARGS + ["--skip_validation", f"--archive={tmp_path / 'code.tar.gz'}"], env=env)
+  assert result.returncode == 0, result.stderr
+  assert "preempted, checkpoint saved" in result.stdout
+  assert _verbs(tmp_path) == ["describe", "create", "scp", "ssh", "ssh:job", "describe",
+                              "describe", "ssh:job"]
+
+
+@pytest.mark.parametrize("args", [["--gin_file=gin/no_such_job.gin"],
+                                  ["--gin_bindings=coprocessor.job.no_such_parameter = 3"]],
+                         ids=["missing_file", "bad_binding"])
+@pytest.mark.parametrize("mode", ["ssh", "queued"])
+def test_a_bad_gin_config_fails_the_dry_run_before_any_cloud_command(args, mode):
+  base = [a for a in TPU_ARGS if not (args[0].startswith("--gin_file") and a.startswith("--gin_file"))]
+  result = _run(TPU, base + args + [f"--mode={mode}", "--dry_run"])
+  assert result.returncode != 0
+  assert "gcloud" not in result.stdout and "nothing was launched" in result.stderr
+
+
+def _startup_script(stdout: str) -> list[str]:
+  return [line[len("#| "):] for line in stdout.splitlines() if line.startswith("#| ")]
+
+
+@pytest.mark.parametrize("node_count", [1, 2])
+def test_tpu_queued_dry_run_prints_valid_commands_and_startup_script(node_count):
+  result = _run(TPU, TPU_ARGS + ["--mode=queued", f"--node_count={node_count}", "--spot", "--dry_run"])
+  assert result.returncode == 0, result.stderr
+  pack, upload, create, describe, status, delete = _commands(result.stdout)
+  assert pack[:2] == ["tar", "-czf"]
+  assert upload == ["gcloud", "storage", "cp", "/tmp/persona_jax-pj-test.tar.gz",
+                    "gs://bucket/runs/smoke/launch/persona_jax.tar.gz"]
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pj-test-qr"]
+  flags = _flags(create)
+  assert flags["--accelerator-type"] == ["v5litepod-16"] and flags["--spot"] == [""]
+  assert flags["--runtime-version"] == ["v2-alpha-tpuv5-lite"]
+  assert flags["--metadata-from-file"] == ["startup-script=/tmp/persona_jax-pj-test-startup-0.sh"]
+  if node_count > 1:  # multislice
+    assert flags["--node-count"] == ["2"] and flags["--node-prefix"] == ["pj-test"]
+    assert "--node-id" not in flags
+  else:
+    assert flags["--node-id"] == ["pj-test"] and "--node-count" not in flags
+  assert describe[4] == "describe" and _flags(describe)["--format"] == ["value(state.state)"]
+  assert status == ["gcloud", "storage", "cat",
+                    "gs://bucket/runs/smoke/launch/status/attempt-0/slice-0-worker-0"]
+  assert delete[4] == "delete" and "--force" in delete and "--quiet" in delete
+  script = _startup_script(result.stdout)
+  assert script[0] == "#!/bin/bash"
+  job_lines = [line for line in script if "persona_jax.main" in line]
+  assert len(job_lines) == 1
+  job_argv = shlex.split(job_lines[0])
+  assert job_argv[-2:] == [">", "/tmp/job.log"] or job_argv[-3:-1] == [">", "/tmp/job.log"]
+  job = _check_job_argv(job_argv[:job_argv.index(">")])
+  assert job["--workdir"] == ["gs://bucket/runs/smoke"]
+  assert any(line.endswith("/launch/status/attempt-0/$HOST") and "$STATUS" in line for line in script)
+  assert any("/launch/logs/attempt-0/$HOST.log" in line for line in script)
+
+
+def test_node_count_needs_the_queued_mode():
+  result = _run(TPU, TPU_ARGS + ["--node_count=2", "--dry_run"])
+  assert result.returncode == 2 and "needs --mode=queued" in result.stderr
+
+
+@pytest.mark.parametrize("job_status", [0, 3])
+def test_tpu_queued_loop_recreates_after_exit_75(tmp_path, job_status):
+  env = _fake_gcloud(tmp_path, job_status)
+  result = _run(TPU, TPU_ARGS + ["--mode=queued", "--skip_validation", f"--name=pj-q{job_status}",
+                                 f"--archive={tmp_path / 'code.tar.gz'}"], env=env)
+  first = ["storage:cp", "qr:describe", "qr:create", "qr:describe", "storage:cat", "qr:delete"]
+  # Exit 75 (preempted after a checkpoint): re-created with a new startup script, resumed.
+  again = ["qr:describe", "qr:create", "qr:describe", "storage:cat", "qr:delete"]
+  assert _verbs(tmp_path) == first + again
+  assert pathlib.Path(f"/tmp/persona_jax-pj-q{job_status}-startup-1.sh").read_text().count(
+      "attempt-1") >= 2
+  if job_status == 0:
+    assert result.returncode == 0, result.stderr
+  else:  # a failure is the job's own: reported, not retried
+    assert result.returncode == 3 and "not retried" in result.stderr
 
 
 def test_gpu_dry_run_prints_valid_commands():
