@@ -3,25 +3,29 @@
   python -m persona_jax.export --workdir=runs/coprocessor --output_dir=exports/coprocessor
 
 How: the workdir holds the job's gin config (`config.gin`, written by `persona_jax.main`) and its
-Orbax checkpoints. The config names the job (`run.job = @<room>.train`); the room's gin-configurable
-`build_job(workdir)` rebuilds the same model and trainer, `trainer.restore()` loads the trained
-state, and then:
+Orbax checkpoints. The config names the method (`run.method = 'coprocessor'`); the method registry
+(`persona_jax.train.method`) rebuilds it from the same bindings, `Method.restore` loads the trained
+parameters (no optimizer state), and then:
   * every `persona_jax.nn.Decoder` in the trained model is written as a `transformers` model dir at
     its attribute path (`decoder/`, `coprocessor/`, ...), LoRA adapters merged into the kernels, with
-    the job's tokenizer when it has a Hugging Face one;
-  * a room may add its own artifacts with `persona_jax/<room>/export.py: export_artifacts(model,
-    output_dir)` (the coprocessor writes its soft tokens and a `transformers` loader snippet);
+    the method's tokenizer when it has a Hugging Face one;
+  * the method adds its own artifacts through `Method.export_artifacts(model, output_dir)` (the
+    coprocessor writes its soft tokens and a `transformers` loader snippet);
   * PEFT adapters a job wrote into `<workdir>/peft/<name>/` (MiLP's per-user memories) are copied to
     `<output_dir>/peft/<name>/`, next to the exported base.
 `<output_dir>/export_manifest.json` lists every artifact, and every module that could not be
 exported with the reason (a decoder carrying a method module in `Block.after` has no `transformers`
 equivalent).
+
+Safety: config.gin may only import persona_jax modules (any other `import` line is refused, so a
+workdir's config cannot run arbitrary code); everything is written into a staging directory beside
+`--output_dir` and swapped in only when complete; `--output_dir` may not be, contain or lie inside a
+workdir (a directory with config.gin or checkpoints/), and `--overwrite` replaces only a previous
+export (a directory holding export_manifest.json), never anything else.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,62 +37,13 @@ from typing import Any
 import gin
 from absl import app, flags
 
+from persona_jax.errors import MissingFileError, UserError
+
 FLAGS = flags.FLAGS
 
 CONFIG_FILE = "config.gin"
 MANIFEST_FILE = "export_manifest.json"
 PEFT_DIR = "peft"
-_JOB_PATTERN = re.compile(r"^\s*run\.job\s*=\s*@(?:[\w.]+\.)?(\w+)\.(\w+)\s*$", re.MULTILINE)
-# Bare selectors of a room's configurables in an operative config (`job.seed = 0`), qualified with the
-# room on re-parsing, since several rooms register a `job` and a `train`.
-_BARE_ROOM_SELECTOR = re.compile(r"^(job|train|eval)\.", re.MULTILINE)
-_RUN_BINDING = re.compile(r"^run\.\w+\s*=.*$", re.MULTILINE)
-
-
-def job_room(config_text: str, where: str) -> str:
-  """The method room of a job config: `run.job = @coprocessor.train` -> 'coprocessor'."""
-  match = _JOB_PATTERN.search(config_text)
-  if match is None:
-    raise ValueError(f"{where}: no `run.job = @<room>.train` line; export needs the config.gin that "
-                     "`python -m persona_jax.main` wrote into the workdir.")
-  if match.group(2) != "train":
-    raise ValueError(f"{where}: the job is `{match.group(1)}.{match.group(2)}`; export rebuilds "
-                     f"`{match.group(1)}.train` jobs (through the room's build_job) only.")
-  return match.group(1)
-
-
-def room_config(config_text: str, room: str) -> str:
-  """The job's bindings without `run.*` (main's own) and with the room's bare selectors qualified."""
-  return _BARE_ROOM_SELECTOR.sub(rf"{room}.\1.", _RUN_BINDING.sub("", config_text))
-
-
-def _build_job_function(room: str, where: str):
-  try:
-    module = importlib.import_module(f"persona_jax.{room}.train")
-  except ModuleNotFoundError as error:
-    raise ValueError(f"{where}: the job's room persona_jax.{room} has no train module ({error}).") from error
-  build_job = getattr(module, "build_job", None)
-  if build_job is None:
-    raise ValueError(f"{where}: persona_jax/{room}/train.py has no `build_job(workdir)`, so its trained "
-                     "model cannot be rebuilt for export.")
-  return build_job
-
-
-def _job_binding(room: str, name: str) -> Any:
-  try:
-    return gin.query_parameter(f"{room}.job.{name}")
-  except ValueError:
-    return None
-
-
-def _tokenizer_source(room: str) -> str | None:
-  for name in ("vocabulary", "pretrained"):
-    value = _job_binding(room, name)
-    if isinstance(value, str) and value != "bytes":
-      return value
-    if value == "bytes":
-      return None
-  return None
 
 
 def find_decoders(model) -> list[tuple[str, Any]]:
@@ -150,25 +105,75 @@ def copy_peft_adapters(workdir: pathlib.Path, output_dir: pathlib.Path) -> dict[
   return copied
 
 
+_IMPORT_LINE = re.compile(r"^\s*import\s+([\w.]+)\s*$", re.MULTILINE)
+
+
+def read_config(config_path: pathlib.Path) -> str:
+  """The workdir's config.gin text, refusing `import` lines of anything but persona_jax modules."""
+  text = config_path.read_text()
+  foreign = [m.group(1) for m in _IMPORT_LINE.finditer(text)
+             if not (m.group(1) == "persona_jax" or m.group(1).startswith("persona_jax."))]
+  if foreign:
+    raise UserError(f"{config_path}: imports {foreign}; export parses a workdir's config.gin only when "
+                    "it imports persona_jax modules (a config could otherwise run any installed code). "
+                    "Remove those lines if you trust them.")
+  return text
+
+
+def _is_workdir(path: pathlib.Path) -> bool:
+  return (path / CONFIG_FILE).is_file() or (path / "checkpoints").is_dir()
+
+
+def check_output_dir(output: pathlib.Path, workdir: pathlib.Path, overwrite: bool) -> bool:
+  """Refuses an output dir that would touch a run; returns whether a previous export is replaced."""
+  resolved, work = output.resolve(), workdir.resolve()
+  if resolved == work or work in resolved.parents or resolved in work.parents:
+    raise UserError(f"--output_dir={output} is, contains or lies inside the workdir {workdir}: an export "
+                    "there could delete the run. Choose a directory outside it, e.g. exports/<run>.")
+  for parent in [resolved, *resolved.parents]:
+    if parent != resolved and _is_workdir(parent):
+      raise UserError(f"--output_dir={output} lies inside another run's workdir {parent}; choose a "
+                      "directory outside every workdir.")
+  if not resolved.exists():
+    return False
+  if not resolved.is_dir():
+    raise UserError(f"--output_dir={output} is a file; choose a directory.")
+  entries = list(resolved.iterdir())
+  if not entries:
+    return False
+  if any(_is_workdir(entry) for entry in entries if entry.is_dir()) or _is_workdir(resolved):
+    raise UserError(f"--output_dir={output} contains a run's workdir; choose another directory.")
+  if not overwrite:
+    raise UserError(f"--output_dir={output} exists and is not empty; choose an empty directory or "
+                    "pass --overwrite (which replaces a previous export only).")
+  if not (resolved / MANIFEST_FILE).is_file():
+    raise UserError(f"--output_dir={output} is not a previous export (no {MANIFEST_FILE}); --overwrite "
+                    f"replaces only an earlier export and never deletes anything else. It holds: "
+                    f"{sorted(e.name for e in entries)[:10]}.")
+  return True
+
+
 def export(workdir: str, output_dir: str, *, step: int | None = None, tokenizer: str | None = None,
            overwrite: bool = False) -> dict:
-  """Rebuilds the job of `workdir`, restores its checkpoint and writes the Hugging Face artifacts.
+  """Rebuilds the method of `workdir`, restores its trained parameters and writes the Hugging Face
+  artifacts.
 
   Returns the manifest (also written as `<output_dir>/export_manifest.json`):
-  {"room", "step", "artifacts": {relative path: what it is}, "not_exported": {module: reason}}.
+  {"method", "step", "artifacts": {relative path: what it is}, "not_exported": {module: reason}}.
   """
+  from persona_jax.train import jobs  # pylint: disable=g-import-not-at-top
   from persona_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  from persona_jax.train.method import Run, get_method  # pylint: disable=g-import-not-at-top
+  from persona_jax.train.trainer import TrainConfig  # pylint: disable=g-import-not-at-top
+  from persona_jax.hf.staging import staged_directory  # pylint: disable=g-import-not-at-top
 
   workdir_path = pathlib.Path(workdir).expanduser().absolute()
   config_path = workdir_path / CONFIG_FILE
   if not config_path.is_file():
-    raise FileNotFoundError(f"--workdir={workdir}: no {CONFIG_FILE}; point it at the workdir of a job "
-                            "run with `python -m persona_jax.main`.")
+    raise MissingFileError(f"--workdir={workdir}: no {CONFIG_FILE}; point it at the workdir of a job "
+                           "run with `python -m persona_jax.main`.")
   output = pathlib.Path(output_dir).expanduser().absolute()
-  replace_output = output.exists() and (not output.is_dir() or any(output.iterdir()))
-  if replace_output and not overwrite:
-    raise FileExistsError(f"--output_dir={output_dir} exists and is not empty; choose an empty "
-                          "directory or pass --overwrite.")
+  check_output_dir(output, workdir_path, overwrite)
 
   checkpointer = Checkpointer(str(workdir_path / "checkpoints"), async_save=False)
   try:
@@ -177,32 +182,32 @@ def export(workdir: str, output_dir: str, *, step: int | None = None, tokenizer:
     checkpointer.close()
   peft_only = not steps and (workdir_path / PEFT_DIR).is_dir()
   if not steps and not peft_only:
-    raise ValueError(f"--workdir={workdir}: no checkpoint under checkpoints/ and no PEFT adapters under "
-                     f"{PEFT_DIR}/; train first (or let the job reach TrainConfig.checkpoint_every / its "
-                     "end).")
+    raise UserError(f"--workdir={workdir}: no checkpoint under checkpoints/ and no PEFT adapters under "
+                    f"{PEFT_DIR}/; train first (or let the job reach TrainConfig.checkpoint_every / its "
+                    "end).")
   if steps:
     step = max(steps) if step is None else step
     if step not in steps:
-      raise ValueError(f"--step={step}: no such checkpoint in {workdir}; available steps: {steps}.")
+      raise UserError(f"--step={step}: no such checkpoint in {workdir}; available steps: {steps}.")
   elif step is not None:
-    raise ValueError(f"--step={step}: {workdir} has no checkpoints/, only PEFT adapters; drop --step.")
+    raise UserError(f"--step={step}: {workdir} has no checkpoints/, only PEFT adapters; drop --step.")
 
-  config_text = config_path.read_text()
-  room = job_room(config_text, str(config_path))
-  build_job = _build_job_function(room, str(config_path))
+  config_text = read_config(config_path)
+  jobs.discover_methods()
   gin.clear_config()
   try:
-    gin.parse_config(room_config(config_text, room))
+    gin.parse_config(config_text)
+    method_name = gin.query_parameter("run.method")
   except (ValueError, KeyError, SyntaxError, ImportError) as error:
-    raise ValueError(f"{config_path} could not be parsed: {error}") from error
-  tokenizer = tokenizer or _tokenizer_source(room)
+    raise UserError(f"{config_path} could not be parsed: {error}") from error
   with gin.unlock_config():
-    job = build_job(str(workdir_path))
-  if steps:
-    job.trainer.restore(step)
-  # Without a checkpoint the job's product is its PEFT adapters: the decoders go out as the base they
-  # apply to, with the job's (untrained) adapters removed rather than merged.
-  model = job.trainer.model()
+    method = get_method(method_name)()
+    method.setup(str(workdir_path))
+    # Without a checkpoint the job's product is its PEFT adapters: the decoders go out as the base
+    # they apply to, with the job's (untrained) adapters removed rather than merged.
+    model, restored_step = method.restore(Run(workdir=str(workdir_path), config=TrainConfig(),
+                                              step=step if steps else None))
+  tokenizer = tokenizer or method.tokenizer_source()
 
   tokenizer_files = {}
   if tokenizer is not None:
@@ -211,33 +216,27 @@ def export(workdir: str, output_dir: str, *, step: int | None = None, tokenizer:
     tokenizer_files = {"tokenizer": hf_tokenizer, "chat_template": chat_template,
                        "special_tokens": special_tokens}
 
-  if replace_output:  # only now: a failed rebuild or restore leaves the previous export in place
-    if output.is_dir():
-      shutil.rmtree(output)
-    else:
-      output.unlink()
-  output.mkdir(parents=True, exist_ok=True)
-  artifacts, not_exported = {}, {}
-  for name, decoder in find_decoders(model):
-    try:
-      merged = export_decoder(decoder, output / name, remove_adapters=peft_only, **tokenizer_files)
-    except ValueError as error:  # a method module in Block.after: no transformers equivalent
-      not_exported[name] = str(error)
-      continue
-    artifacts[name] = (f"transformers {decoder.config.family} model"
-                       + (f", {merged} LoRA adapters {'removed' if peft_only else 'merged'}"
-                          if merged else "")
-                       + (", with tokenizer" if tokenizer_files else ""))
-  if importlib.util.find_spec(f"persona_jax.{room}.export") is not None:
-    room_export = importlib.import_module(f"persona_jax.{room}.export")
-    artifacts.update(room_export.export_artifacts(model, output))
-  artifacts.update(copy_peft_adapters(workdir_path, output))
-  if not artifacts:
-    raise ValueError(f"Nothing in the {room} job's model could be exported: {not_exported}")
-
-  manifest = {"room": room, "workdir": str(workdir_path), "step": step, "tokenizer": tokenizer,
-              "artifacts": artifacts, "not_exported": not_exported}
-  (output / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+  output.parent.mkdir(parents=True, exist_ok=True)
+  with staged_directory(output) as staging:
+    artifacts, not_exported = {}, {}
+    for name, decoder in find_decoders(model):
+      try:
+        merged = export_decoder(decoder, staging / name, remove_adapters=peft_only,
+                                **tokenizer_files)
+      except ValueError as error:  # a method module in Block.after: no transformers equivalent
+        not_exported[name] = str(error)
+        continue
+      artifacts[name] = (f"transformers {decoder.config.family} model"
+                         + (f", {merged} LoRA adapters {'removed' if peft_only else 'merged'}"
+                            if merged else "")
+                         + (", with tokenizer" if tokenizer_files else ""))
+    artifacts.update(method.export_artifacts(model, staging))
+    artifacts.update(copy_peft_adapters(workdir_path, staging))
+    if not artifacts:
+      raise UserError(f"Nothing in the {method_name} job's model could be exported: {not_exported}")
+    manifest = {"method": method_name, "workdir": str(workdir_path), "step": restored_step,
+                "tokenizer": tokenizer, "artifacts": artifacts, "not_exported": not_exported}
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
   return manifest
 
 
@@ -260,7 +259,7 @@ def main(argv):
   try:
     manifest = export(FLAGS.workdir, FLAGS.output_dir, step=FLAGS.step, tokenizer=FLAGS.tokenizer,
                       overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
+  except UserError as error:
     if FLAGS.traceback:
       raise
     print(f"error: {type(error).__name__}: {error}\n(run with --traceback for the full traceback)",
@@ -268,7 +267,7 @@ def main(argv):
     sys.exit(1)
   at = (f"at step {manifest['step']}" if manifest["step"] is not None
         else "(its PEFT adapters; no checkpoints/)")
-  print(f"exported the {manifest['room']} job {at} to {FLAGS.output_dir}:")
+  print(f"exported the {manifest['method']} job {at} to {FLAGS.output_dir}:")
   for path, what in manifest["artifacts"].items():
     print(f"  {path}: {what}")
   for name, reason in manifest["not_exported"].items():

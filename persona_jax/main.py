@@ -1,23 +1,26 @@
 """The one entry point: parse gin, write the config into the workdir, run the configured job.
 
-  python -m persona_jax.main --gin_file=gin/pretrain.gin --workdir=/tmp/run \
+  python -m persona_jax.main --gin_file=gin/coprocessor.gin --workdir=/tmp/run \
       --gin_bindings='TrainConfig.num_steps=10'
 
-A job is any gin-configurable function `job(workdir: str)`; a gin file selects it with
-`run.job = @pretrain.train` (or `@coprocessor.train`, ...). Method rooms register their jobs by
-decorating them with `@gin.configurable("train", module="<room>")` in `persona_jax/<room>/train.py`
-(or `eval.py`); main imports those modules when they exist (`JOB_MODULES`), and a gin file can also
-`import` any other module itself.
+A gin file names a method and a job (`persona_jax.train.jobs`):
 
-User errors (a missing gin file, an unknown binding, an unwritable workdir, data that is not prepared,
-a bad config value) print one message naming the fix and exit with status 1; `--traceback` shows the
-full traceback instead.
+  run.method = 'coprocessor'    # a room registered with `persona_jax.train.method.register_method`
+  run.job = @train              # or @evaluate (restore the trained model, re-write its tables)
+
+Rooms are found by `persona_jax.train.method.discover_methods()` (every `persona_jax/<room>/job.py`),
+never by a list kept here. Gin files are looked up as given, then inside the installed package
+(`persona_jax/gin/`), so `--gin_file=gin/coprocessor.gin` works from the repository and from an
+installed wheel alike.
+
+User errors (`persona_jax.errors.UserError`: a missing gin file, an unknown binding, an unwritable
+workdir, data that is not prepared, a bad config value) print one message naming the fix and exit
+with status 1; `--traceback` shows the full traceback. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging as std_logging
 import os
 import pathlib
@@ -28,65 +31,43 @@ from absl import app, flags, logging
 from etils import epath
 
 from persona_jax.train import trainer as trainer_lib
+from persona_jax.errors import UserError
 from persona_jax.train import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s), applied in order (repeatable).")
+flags.DEFINE_bool("verbose", False, "Show INFO logs (absl, JAX, TensorFlow, Orbax); by default the "
+                  "console shows the progress line, results, warnings and errors only.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'TrainConfig.num_steps=10' (repeatable).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.gin "
                     "(default: runs/<name of the last --gin_file> under the current directory).")
 flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors too.")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-# Modules whose import registers gin jobs; a missing method room is skipped, a broken one fails loudly.
-JOB_MODULES = (
-    "persona_jax.train.pretrain",
-    "persona_jax.coprocessor.train", "persona_jax.coprocessor.eval",
-    "persona_jax.user_llm.train", "persona_jax.user_llm.eval",
-    "persona_jax.rlpf.train", "persona_jax.rlpf.eval",
-    "persona_jax.curio.train", "persona_jax.curio.eval",
-    "persona_jax.milp.train", "persona_jax.milp.eval",
-)
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+GIN_DIR = PACKAGE_DIR / "gin"  # the packaged configs (the repository's gin/ links here)
 
 
-class UserError(Exception):
-  """An error the user fixes by changing a flag, a file or a binding (no traceback needed)."""
+def import_job_modules() -> list[str]:
+  """Registers the generic jobs and every method room; returns the method names."""
+  from persona_jax.train import jobs  # pylint: disable=g-import-not-at-top
 
-
-def _module_exists(name: str) -> bool:
-  try:
-    return importlib.util.find_spec(name) is not None
-  except ModuleNotFoundError:  # a parent package is missing
-    return False
-
-
-def import_job_modules() -> None:
-  for name in JOB_MODULES:
-    if _module_exists(name):
-      importlib.import_module(name)
-
-
-@gin.configurable("run")
-def run(workdir: str, job=gin.REQUIRED):
-  """Runs `job(workdir=...)`; bind `run.job = @pretrain.train` (or another registered job)."""
-  return job(workdir=workdir)
+  return jobs.discover_methods()
 
 
 def resolve_gin_file(path: str) -> str:
-  """A gin file as given, or relative to the repository root (so `gin/pretrain.gin` works anywhere)."""
-  candidates = [pathlib.Path(path), REPO_ROOT / path]
+  """A gin file as given, else inside the package (`gin/x.gin` -> persona_jax/gin/x.gin)."""
+  candidates = [pathlib.Path(path), PACKAGE_DIR / path, GIN_DIR / pathlib.Path(path).name]
   for candidate in candidates:
     if candidate.is_file():
       return str(candidate.resolve())
-  raise UserError(f"--gin_file={path}: file not found (looked in {os.getcwd()} and {REPO_ROOT}). "
+  raise UserError(f"--gin_file={path}: file not found (looked in {os.getcwd()} and {GIN_DIR}). "
                   "Fix the path, e.g. --gin_file=gin/pretrain.gin.")
 
 
 def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
   files = [resolve_gin_file(f) for f in gin_files]
-  gin.add_config_file_search_path(str(REPO_ROOT / "gin"))
-  gin.add_config_file_search_path(str(REPO_ROOT))
+  gin.add_config_file_search_path(str(GIN_DIR))
+  gin.add_config_file_search_path(str(PACKAGE_DIR))
   try:
     gin.parse_config_files_and_bindings(files, gin_bindings, finalize_config=False)
   except (ValueError, KeyError, SyntaxError, OSError, ImportError) as error:
@@ -95,8 +76,11 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
                     "above (check the configurable's name and its argument; a method's configurables "
                     "exist only once its module is imported).") from error
   if not _has_binding("run.job"):
-    raise UserError("No job selected: bind one, e.g. --gin_bindings='run.job = @pretrain.train' or "
+    raise UserError("No job selected: bind one, e.g. --gin_bindings='run.job = @train' or "
                     "--gin_file=gin/pretrain.gin.")
+  if not _has_binding("run.method"):
+    raise UserError("No method selected: bind one, e.g. --gin_bindings=\"run.method = 'pretrain'\" "
+                    "or --gin_file=gin/pretrain.gin.")
 
 
 def _has_binding(name: str) -> bool:
@@ -134,8 +118,7 @@ def write_config(workdir: str, text: str) -> None:
 
 
 # Exceptions that come from bad flags, files, bindings or data rather than from bugs.
-USER_ERROR_TYPES = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
-                    FloatingPointError)
+USER_ERROR_TYPES = (UserError,)
 
 
 def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None):
@@ -148,8 +131,10 @@ def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None)
   import_job_modules()
   parse_gin(gin_files, gin_bindings)
   write_config(workdir, gin.config_str())  # what was asked for; replaced by the operative one below
+  from persona_jax.train import jobs  # pylint: disable=g-import-not-at-top
+
   with gin.unlock_config():
-    result = run(workdir)
+    result = jobs.run(workdir)
   write_config(workdir, gin.operative_config_str())
   return result
 
@@ -161,8 +146,23 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
-def main(argv):
+def configure_logging(verbose: bool) -> None:
+  """A quiet console by default: absl / Python logging at WARNING (JAX, Orbax, TFDS and our own INFO
+  lines hidden; the progress line and results are printed, not logged), TensorFlow's C++ INFO and
+  WARNING lines off. `--verbose` restores INFO everywhere."""
+  if verbose:
+    logging.set_verbosity(logging.INFO)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    return
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF/XLA C++ logging read after this point
+  for name in ("jax", "orbax", "absl", "tensorflow", "tensorflow_datasets", "seqio", "datasets"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+
+
+def main(argv):
+  configure_logging(FLAGS.verbose)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}: use --gin_file / --gin_bindings / --workdir.")
   try:

@@ -36,6 +36,7 @@ from flax import nnx
 from persona_jax.nn.attention import cache_mask, init_cache, positions_from_mask
 from persona_jax.nn.decoder import Decoder
 from persona_jax.nn.quantization import convert_decoder_weights
+from persona_jax.nn.logprobs import token_log_probs
 
 
 # State and results ----------------------------------------------------------------------------------
@@ -92,12 +93,6 @@ jax.tree_util.register_dataclass(
 
 
 # Sampling of one step -------------------------------------------------------------------------------
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Log-probabilities `[batch]` fp32 of `tokens: [batch]` under `logits: [batch, vocab]`."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
-
-
 def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, greedy: bool,
                   temperature: jax.Array | float = 1.0, top_k: int | None = None,
                   top_p: jax.Array | float | None = None) -> jax.Array:
@@ -153,7 +148,7 @@ def _decode_program(graphdef, params, state: PrefillState, rng, temperature, top
     step_rng = None if greedy else jax.random.fold_in(rng, step)
     token = sample_tokens(logits, step_rng, greedy=greedy, temperature=temperature, top_k=top_k,
                           top_p=top_p if use_top_p else None)
-    return token, token_logprobs(logits, token)
+    return token, token_log_probs(logits, token)
 
   def record(step, token, logprob, tokens, logprobs, lengths, done):
     emitted = ~done  # a row that already stopped emits padding
@@ -346,3 +341,63 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]] | tuple[Any, Any
   return decode(decoder, state, max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
                 top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id,
                 side_inputs=side_inputs, donate=True)
+
+
+@dataclasses.dataclass
+class TextGenerations:
+  """What `generate_in_batches` returns, one entry per prompt in the given order.
+
+  token_ids: the generated ids of each row, cut before its stop token (the stop token not included).
+  stopped: whether each row ended on a stop token (False: it ran to `max_new_tokens`).
+  texts: `decode(token_ids)` per row when a `decode` function was given, else None.
+  """
+  token_ids: list[list[int]]
+  stopped: list[bool]
+  texts: list[str] | None = None
+
+
+def generate_in_batches(decoder: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                        batch_size: int = 8, decode=None, rng: jax.Array | None = None,
+                        temperature: float = 0.0, stop_tokens: Sequence[int] | None = None,
+                        pad_id: int | None = None, prompt_length: int | None = None,
+                        side_inputs_fn=None) -> TextGenerations:
+  """Generates for many prompts in fixed-shape batches, cuts each row at its stop token, decodes.
+
+  The one "generate in batches, cut at EOS, decode" loop of the code base. Every batch has the same
+  shape (the last one is filled with copies of its last prompt, whose outputs are dropped) and every
+  prompt is left-padded to `prompt_length` (default: the longest prompt rounded up to 16), so the
+  sampler compiles once.
+
+  Args:
+    decoder / max_new_tokens / temperature / stop_tokens / pad_id: as in `generate`.
+    batch_size: rows per call.
+    decode: `decode(ids) -> str` (a vocabulary's or tokenizer's), to fill `texts`.
+    rng: sampling key (folded with the batch index; None for greedy).
+    prompt_length: the common prompt width (a prompt longer than it is an error).
+    side_inputs_fn: `side_inputs_fn(start, stop) -> side_inputs` for the rows `start:stop` (e.g.
+      User-LLM's user tokens), padded to `batch_size` rows by the caller's function.
+  """
+  if not prompts:
+    return TextGenerations([], [], [] if decode is not None else None)
+  longest = max(len(p) for p in prompts)
+  width = prompt_length if prompt_length is not None else round_up(longest, 16)
+  if longest > width:
+    raise ValueError(f"generate_in_batches: a prompt has {longest} tokens, more than prompt_length="
+                     f"{width}.")
+  token_ids, stopped = [], []
+  for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
+    chunk = [list(p) for p in prompts[start:start + batch_size]]
+    rows = len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch_size - rows)
+    batch_rng = None if rng is None else jax.random.fold_in(rng, batch_index)
+    side_inputs = None if side_inputs_fn is None else side_inputs_fn(start, start + rows)
+    result = generate(decoder, chunk, max_new_tokens=max_new_tokens, rng=batch_rng,
+                      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id,
+                      prompt_bucket=width, side_inputs=side_inputs)
+    tokens, lengths, done = (np.asarray(result.tokens), np.asarray(result.lengths),
+                             np.asarray(result.done))
+    for row in range(rows):
+      token_ids.append([int(t) for t in tokens[row, :lengths[row] - int(done[row])]])
+      stopped.append(bool(done[row]))
+  texts = [decode(ids) for ids in token_ids] if decode is not None else None
+  return TextGenerations(token_ids, stopped, texts)

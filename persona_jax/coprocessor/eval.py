@@ -2,10 +2,9 @@
 
 For each position i = 1..N_A after an augmentation point, the perplexity of token p+i with the frozen
 decoder alone (baseline) and with the augmented cache, and the relative change. Augmentation points
-are deterministic (evenly spaced over each row), so every run scores the same tokens.
-
-Gin job `coprocessor.evaluate` restores a trained coprocessor from a workdir's checkpoint in a fresh
-process and writes the same table.
+are deterministic (evenly spaced over each row), so every run scores the same tokens. Each process
+scores its own shard of the eval rows; the sums are reduced across processes, so the table covers
+every shard.
 """
 
 from __future__ import annotations
@@ -13,15 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from persona_jax.coprocessor import masks
-from persona_jax.train import workdir as workdir_lib
 from persona_jax.coprocessor.model import CacheCoprocessor
+from persona_jax.evaluation import sum_across_processes
 
 
 @nnx.jit(static_argnums=(2, 3))
@@ -52,7 +50,10 @@ def evaluate_perplexity(model: CacheCoprocessor, batches: Iterable[dict[str, np.
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     part = jax.device_get(_eval_sums(model, batch, num_traces, ahead_tokens))
     sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
-  if sums is None or float(sums["count"][0]) == 0:
+  if sums is None:
+    sums = {name: np.zeros((ahead_tokens,), np.float32) for name in ("augmented", "baseline", "count")}
+  sums = sum_across_processes(sums)
+  if float(sums["count"][0]) == 0:
     raise ValueError("Coprocessor evaluation scored no trace: the eval data is empty or its rows are "
                      f"shorter than ahead_tokens + 1 = {ahead_tokens + 1} tokens.")
   count = sums["count"]
@@ -79,37 +80,3 @@ def format_table(results: dict[str, Any], title: str = "") -> str:
     lines.append(f"| {i} | {base:.3f} | {aug:.3f} | {100 * rel:+.2f}% |")
   lines.append(f"\n({results['num_traces_scored']} augmentation points scored)")
   return "\n".join(line for line in lines if line is not None)
-
-
-def write_table(workdir: str, results: dict[str, Any], name: str, title: str) -> str:
-  """Writes `<name>.json` and `<name>.md` into the workdir; returns the markdown."""
-  table = format_table(results, title)
-  if jax.process_index() == 0:
-    workdir_lib.write_json(workdir_lib.join(workdir, f"{name}.json"), results)
-    workdir_lib.write_text(workdir_lib.join(workdir, f"{name}.md"), table + "\n")
-  return table
-
-
-@gin.configurable("evaluate", module="coprocessor")
-def evaluate(workdir: str, **overrides) -> dict[str, Any]:
-  """Restores the trained coprocessor in `workdir` and re-computes its eval table.
-
-  Uses the same gin settings as `coprocessor.train` (bind them identically, e.g. the same gin file);
-  no training step is taken. Writes `eval_table_restored.{json,md}`.
-  """
-  from persona_jax.coprocessor import train as train_lib  # the job that owns the model/data setup
-
-  setup = train_lib.build_job(workdir, **overrides)
-  trainer = setup.trainer
-  if trainer.restore() is None:
-    raise ValueError(f"coprocessor.evaluate: no checkpoint in {workdir}/checkpoints; train first with "
-                     "run.job = @coprocessor.train.")
-  results = evaluate_perplexity(trainer.model(), setup.eval_batches(), num_traces=setup.num_traces,
-                                ahead_tokens=setup.ahead_tokens, max_batches=setup.num_eval_batches)
-  step = int(jax.device_get(trainer.state.step))
-  table = write_table(workdir, results, "eval_table_restored",
-                      f"Held-out perplexity after the augmentation point ({setup.description}, "
-                      f"restored step {step})")
-  if jax.process_index() == 0:
-    print(table, flush=True)
-  return results

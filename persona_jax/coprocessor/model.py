@@ -43,7 +43,7 @@ from persona_jax import sampling
 from persona_jax.coprocessor import masks
 from persona_jax.nn import Decoder, init_cache, inject_lora
 from persona_jax.nn.layers import logical_param
-from persona_jax.train.losses import token_log_probs
+from persona_jax.nn.logprobs import token_log_probs
 
 VARIANTS = ("full", "lora", "scratch", "pause", "activations")
 

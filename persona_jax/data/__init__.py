@@ -17,6 +17,7 @@ from persona_jax.data.pipeline import make_iterator
 from persona_jax.data.tasks import DEFAULT_LINES_PER_DOCUMENT
 from persona_jax.data.tasks import ensure_tfds_prepared
 from persona_jax.data.tasks import lm_task
+from persona_jax.data.tasks import register_in_memory_task
 from persona_jax.data.tasks import register_text_file_task
 from persona_jax.data.tasks import register_tfds_text_task
 from persona_jax.data.tasks import split_into_documents
@@ -29,7 +30,7 @@ from persona_jax.data import user_histories
 
 __all__ = [
     "BATCH_FEATURES", "build_dataset", "DataConfig", "DataIterator", "make_iterator",
-    "DEFAULT_LINES_PER_DOCUMENT", "ensure_tfds_prepared", "lm_task", "register_text_file_task",
+    "DEFAULT_LINES_PER_DOCUMENT", "ensure_tfds_prepared", "lm_task", "register_in_memory_task", "register_text_file_task",
     "register_tfds_text_task", "split_into_documents", "TFDS_TEXT_DATASETS", "TfdsTextDataset",
     "get_vocabulary", "HFTokenizerVocabulary", "vocabulary_name", "user_histories",
 ]

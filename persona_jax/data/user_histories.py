@@ -45,6 +45,7 @@ import pathlib
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from persona_jax.errors import MissingFileError
 
 SPLITS = ("train", "validation", "test")
 MOVIELENS_CONFIGS = ("latest-small", "1m", "20m", "25m", "100k")
@@ -184,8 +185,14 @@ def _read_tfds_table(tfds_name: str, data_dir: str | None, allow_download: bool
   return {key: np.concatenate(values) for key, values in columns.items()}, genre_names
 
 
-def _text(value: bytes | str) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _text(value: bytes | str, where: str = "") -> str:
+  if not isinstance(value, bytes):
+    return str(value)
+  try:
+    return value.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise ValueError(f"{where or 'a TFDS row'}: not UTF-8 (byte {value[error.start]:#04x} at offset "
+                     f"{error.start} of {value[:60]!r}); re-encode the data set as UTF-8.") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -200,10 +207,15 @@ def _movielens_interactions(config: str, data_dir: str | None, allow_download: b
     if key not in genre_tuples:
       genre_tuples[key] = tuple(name for name, flag in zip(genre_names, flags)
                                 if flag and name != MOVIELENS_NO_GENRE)
-    user = _text(columns["user_id"][row])
+    where = f"movielens/{config}-ratings row {row}"
+    user = _text(columns["user_id"][row], where)
+    rating = float(columns["user_rating"][row])
+    if not MOVIELENS_RATING_RANGE[0] <= rating <= MOVIELENS_RATING_RANGE[1]:
+      raise ValueError(f"{where}: rating {rating:g} of user {user!r} is outside "
+                       f"{MOVIELENS_RATING_RANGE[0]:g}..{MOVIELENS_RATING_RANGE[1]:g}; ratings are never clamped.")
     by_user.setdefault(user, []).append(Interaction(
-        item_id=_text(columns["movie_id"][row]), rating=float(columns["user_rating"][row]),
-        timestamp=int(columns["timestamp"][row]), title=_text(columns["movie_title"][row]),
+        item_id=_text(columns["movie_id"][row], where), rating=rating,
+        timestamp=int(columns["timestamp"][row]), title=_text(columns["movie_title"][row], where),
         categories=genre_tuples[key]))
   return {user: tuple(items) for user, items in by_user.items()}
 
@@ -292,6 +304,17 @@ def load_movielens_catalog(config: str = "latest-small", *, data_dir: str | None
 # ------------------------------------------------------------------------------------------------
 # Amazon Reviews 2023 slice (JSONL)
 # ------------------------------------------------------------------------------------------------
+MOVIELENS_RATING_RANGE = (0.5, 5.0)
+AMAZON_RATING_RANGE = (1.0, 5.0)  # stars
+
+
+def _identifier(value: object, field: str, where: str) -> str:
+  """A non-empty string id (null, numbers, blanks refused: null used to become the string 'None')."""
+  if not isinstance(value, str) or not value.strip():
+    raise ValueError(f"{where}: field {field!r} must be a non-empty string id, got {value!r}.")
+  return value
+
+
 def _review(review: object, where: str) -> Interaction:
   """One review dict -> Interaction; raises ValueError naming `where` (file:line and field)."""
   if not isinstance(review, dict):
@@ -307,52 +330,104 @@ def _review(review: object, where: str) -> Interaction:
   rating = review["rating"]
   if isinstance(rating, bool) or not isinstance(rating, (int, float)):
     raise ValueError(f"{where}: review field 'rating' must be a number, got {rating!r}.")
+  if not AMAZON_RATING_RANGE[0] <= rating <= AMAZON_RATING_RANGE[1]:
+    raise ValueError(f"{where}: review field 'rating' is {rating!r}, outside {AMAZON_RATING_RANGE[0]:g}.."
+                     f"{AMAZON_RATING_RANGE[1]:g} stars (ratings are never clamped).")
+  timestamp = review["timestamp_ms"]
+  if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+    raise ValueError(f"{where}: review field 'timestamp_ms' must be an integer, got {timestamp!r}.")
+  item_id = _identifier(review["parent_asin"], "parent_asin", where)
   category = product.get("main_category")
   return Interaction(
-      item_id=str(review["parent_asin"]), rating=float(rating), timestamp=int(review["timestamp_ms"]),
+      item_id=item_id, rating=float(rating), timestamp=timestamp,
       title=product.get("title") or MISSING_TITLE, categories=(category,) if isinstance(category, str) and category else (),
       review_title=str(review.get("review_title") or ""),
       review_text=str(review.get("review_full") or review.get("review_excerpt") or ""))
 
 
-def read_amazon_jsonl(path: str | os.PathLike) -> list[UserHistory]:
+def read_amazon_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error") -> list[UserHistory]:
   """Reads one Amazon slice JSONL file: one user per line, `history` as context, `heldout` as target.
 
-  Blank lines are allowed. History reviews are sorted by time (stable for ties).
+  Blank lines are allowed. History reviews are sorted by time (stable for ties). Every row is checked:
+  UTF-8, valid JSON, the fields present, ids non-empty strings (never null), ratings within 1..5
+  (never clamped), integer timestamps, and one row per (user, category) (a user may have a row in
+  several categories).
+
+  Args:
+    on_bad_row: "error" (default): raise one ValueError naming every bad row as "<file>:<line>: ...";
+      "skip": leave bad rows out, print how many of how many were skipped and each one's file:line.
 
   Raises:
     FileNotFoundError: the file does not exist.
-    ValueError: a row is not valid JSON or lacks a field; the message is "<file>:<line>: ...".
+    ValueError: bad rows (with on_bad_row="error"); the message starts "<file>:<line>: ...".
   """
+  if on_bad_row not in ("error", "skip"):
+    raise ValueError(f"read_amazon_jsonl: on_bad_row must be 'error' or 'skip', got {on_bad_row!r}.")
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"Amazon user histories file {path} not found (expected one of "
+    raise MissingFileError(f"Amazon user histories file {path} not found (expected one of "
                             f"{sorted(AMAZON_FILES.values())} in ../shared/data/amazon/"
                             f"amazon2023_user_histories).")
   users = []
-  with open(path, encoding="utf-8") as file:
-    for line_number, line in enumerate(file, start=1):
-      if not line.strip():
-        continue
+  bad: list[str] = []
+  first_line_of: dict[tuple[str, str], int] = {}  # (user, category): the slice has a row per both
+  num_rows = 0
+  with open(path, "rb") as file:
+    for line_number, raw in enumerate(file, start=1):
       where = f"{path}:{line_number}"
       try:
-        row = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); fix or remove "
-                         f"that line.") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}.")
-      missing = [key for key in ("user_id", "category", "history", "heldout") if key not in row]
-      if missing:
-        raise ValueError(f"{where}: row is missing field(s) {missing} (each row needs user_id, category, "
-                         f"history, heldout).")
-      if not isinstance(row["history"], list):
-        raise ValueError(f"{where}: field 'history' must be a list of reviews.")
-      history = [_review(review, f"{where} (history[{index}])") for index, review in enumerate(row["history"])]
-      heldout = _review(row["heldout"], f"{where} (heldout)")
-      history.sort(key=lambda item: item.timestamp)
-      users.append(UserHistory(str(row["user_id"]), tuple(history), (heldout,), str(row["category"])))
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as error:
+        num_rows += 1
+        bad.append(f"{where}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                   "re-encode the file as UTF-8 or remove that line.")
+        continue
+      if not line.strip():
+        continue
+      num_rows += 1
+      try:
+        user = _amazon_row(line, where)
+        key = (user.user_id, user.domain)
+        if key in first_line_of:
+          raise ValueError(f"{where}: user {user.user_id!r} already has a row for category "
+                           f"{user.domain!r} at line {first_line_of[key]}; each (user, category) must "
+                           "appear once.")
+      except ValueError as error:
+        bad.append(str(error))
+        continue
+      first_line_of[key] = line_number
+      users.append(user)
+  if bad:
+    listed = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more." if len(bad) > 20 else "")
+    if on_bad_row == "error":
+      more = f"\n({len(bad)} bad rows of {num_rows} in {path}:\n{listed})" if len(bad) > 1 else ""
+      raise ValueError(bad[0] + more)
+    print(f"user_histories: skipped {len(bad)} bad row(s) of {num_rows} in {path} "
+          f"(on_bad_row='skip'):\n{listed}", flush=True)
   return users
+
+
+def _amazon_row(line: str, where: str) -> UserHistory:
+  """One JSONL line -> UserHistory; raises ValueError starting with `where` (file:line)."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); fix or remove "
+                     f"that line.") from None
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}.")
+  missing = [key for key in ("user_id", "category", "history", "heldout") if key not in row]
+  if missing:
+    raise ValueError(f"{where}: row is missing field(s) {missing} (each row needs user_id, category, "
+                     f"history, heldout).")
+  user_id = _identifier(row["user_id"], "user_id", where)
+  category = _identifier(row["category"], "category", where)
+  if not isinstance(row["history"], list):
+    raise ValueError(f"{where}: field 'history' must be a list of reviews.")
+  history = [_review(review, f"{where} (history[{index}])") for index, review in enumerate(row["history"])]
+  heldout = _review(row["heldout"], f"{where} (heldout)")
+  history.sort(key=lambda item: item.timestamp)
+  return UserHistory(user_id, tuple(history), (heldout,), category)
 
 
 def load_amazon_histories(directory: str | os.PathLike | None = None) -> dict[str, list[UserHistory]]:
@@ -366,7 +441,17 @@ def load_amazon_histories(directory: str | os.PathLike | None = None) -> dict[st
       beside the checkout.
   """
   directory = pathlib.Path(directory) if directory is not None else DEFAULT_AMAZON_DIR
-  return {split: read_amazon_jsonl(directory / name) for split, name in AMAZON_FILES.items()}
+  splits = {split: read_amazon_jsonl(directory / name) for split, name in AMAZON_FILES.items()}
+  seen: dict[tuple[str, str], str] = {}
+  for split, users in splits.items():
+    for user in users:
+      key = (user.user_id, user.domain)
+      if key in seen:
+        raise ValueError(f"{directory / AMAZON_FILES[split]}: user {user.user_id!r} of category "
+                         f"{user.domain!r} is also in {AMAZON_FILES[seen[key]]}; a (user, category) in "
+                         "two splits leaks held-out data.")
+      seen[key] = split
+  return splits
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 import tokenizers
+from persona_jax.errors import MissingFileError
 
 # End-of-sequence candidates tried in order when none is given. `<|endoftext|>` comes before
 # `<|im_end|>` but is skipped when it is id 0 (SmolLM2), since id 0 is padding to SeqIO.
@@ -65,7 +66,7 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
       path = os.fspath(tokenizer)
       if path.endswith(".json"):
         if not os.path.isfile(path):
-          raise FileNotFoundError(f"Tokenizer file {path!r} does not exist: pass the path of a "
+          raise MissingFileError(f"Tokenizer file {path!r} does not exist: pass the path of a "
                                   "Hugging Face tokenizer.json, a tokenizers.Tokenizer, or a model source.")
         self._tokenizer = tokenizers.Tokenizer.from_file(path)
       else:

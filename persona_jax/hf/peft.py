@@ -32,6 +32,7 @@ import numpy as np
 from persona_jax.hf.staging import checked_output_dir, staged_directory
 from persona_jax.nn.decoder import Decoder
 from persona_jax.nn.lora import get_projection, inject_lora, lora_sites
+from persona_jax.errors import MissingFileError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -139,13 +140,13 @@ def adapter_dirs(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
   """
   directory = pathlib.Path(directory).expanduser()
   if not directory.is_dir():
-    raise FileNotFoundError(f"{directory}: no such directory (expected a PEFT adapter directory with "
+    raise MissingFileError(f"{directory}: no such directory (expected a PEFT adapter directory with "
                             f"{CONFIG_FILE} and {WEIGHTS_FILE}, or a directory of them).")
   if (directory / CONFIG_FILE).is_file():
     return {directory.name: directory}
   found = {child.name: child for child in sorted(directory.iterdir()) if (child / CONFIG_FILE).is_file()}
   if not found:
-    raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} in it or in its subdirectories; pass the "
+    raise MissingFileError(f"{directory}: no {CONFIG_FILE} in it or in its subdirectories; pass the "
                             "directory save_peft_adapters wrote (or one adapter's directory).")
   return found
 
@@ -170,7 +171,7 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
                      f"{config.get('modules_to_save')!r} train weights outside LoRA, which the decoder's "
                      "adapters cannot hold; use bias='none' and no modules_to_save.")
   if not weights_path.is_file():
-    raise FileNotFoundError(f"{weights_path}: missing (only safetensors adapter weights are read).")
+    raise MissingFileError(f"{weights_path}: missing (only safetensors adapter weights are read).")
   try:
     tensors = load_file(str(weights_path))
   except Exception as error:  # SafetensorError: truncated or corrupt

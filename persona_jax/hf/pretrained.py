@@ -37,6 +37,7 @@ from persona_jax.hf.tokenizer import (read_tokenizer_dir, special_tokens_from_gg
 from persona_jax.nn.config import DecoderConfig, get_config
 from persona_jax.nn.decoder import Decoder, build_decoder
 from persona_jax.nn.lora import lora_sites
+from persona_jax.errors import MissingFileError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +83,11 @@ def _short_name_path(name: str) -> pathlib.Path:
   entry = SHORT_NAMES[name]
   spec = importlib.util.find_spec(entry.package)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"{name!r} is shipped in the PyPI package {entry.package!r}, which is not "
+    raise MissingFileError(f"{name!r} is shipped in the PyPI package {entry.package!r}, which is not "
                             f"installed: {entry.install}")
   path = pathlib.Path(list(spec.submodule_search_locations)[0]) / entry.filename
   if not path.is_file():
-    raise FileNotFoundError(f"{name!r}: {path} is missing from the installed package {entry.package!r}; "
+    raise MissingFileError(f"{name!r}: {path} is missing from the installed package {entry.package!r}; "
                             f"reinstall it: {entry.install}")
   return path
 
@@ -100,12 +101,12 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> pathlib.Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache" if offline
            else "it is not in the local Hugging Face cache and the hub could not be reached")
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"Hub model {repo_id!r} (revision {revision or 'main'}) cannot be loaded: {why}. Download it once "
         f"with network access (`hf download {repo_id}`), unset HF_HUB_OFFLINE, or pass a local "
         "directory.") from None
   except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
-    raise FileNotFoundError(f"Hub model {repo_id!r} (revision {revision or 'main'}) does not exist or is "
+    raise MissingFileError(f"Hub model {repo_id!r} (revision {revision or 'main'}) does not exist or is "
                             f"private ({type(error).__name__}); check the id, or log in with "
                             "`hf auth login`.") from None
 
@@ -123,12 +124,12 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
     return "gguf", path
   if path.is_dir():
     if not (path / "config.json").is_file():
-      raise FileNotFoundError(f"{path}: no config.json; a Hugging Face model directory needs config.json and "
+      raise MissingFileError(f"{path}: no config.json; a Hugging Face model directory needs config.json and "
                               "model.safetensors (or shards with model.safetensors.index.json).")
     return "hf", path
   if _HUB_ID.match(text) and not text.startswith((".", "~")) and not text.endswith(".gguf"):
     return "hf", _hub_snapshot(text, revision)
-  raise FileNotFoundError(f"{text}: no such file or directory. Pass a Hugging Face model directory, a .gguf "
+  raise MissingFileError(f"{text}: no such file or directory. Pass a Hugging Face model directory, a .gguf "
                           f"file, a hub id ('org/name'), or a short name ({sorted(SHORT_NAMES)}).")
 
 
@@ -153,11 +154,11 @@ def _safetensors_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     files = {name: directory / filename for name, filename in weight_map.items()}
     for shard in sorted(set(files.values())):
       if not shard.is_file():
-        raise FileNotFoundError(f"{shard}: shard listed in {index} is missing; download it again.")
+        raise MissingFileError(f"{shard}: shard listed in {index} is missing; download it again.")
     return files
   if single.is_file():
     return {name: single for name in _safetensors_names(single)}
-  raise FileNotFoundError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} (only safetensors "
+  raise MissingFileError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} (only safetensors "
                           "weights are read; convert .bin checkpoints with transformers' save_pretrained).")
 
 

@@ -37,6 +37,7 @@ import seqio
 import tensorflow as tf
 
 from persona_jax import data as pdata
+from persona_jax.errors import MissingFileError
 
 DATASETS = ("synthetic_persona_chat", "mathdial")
 SPEAKERS = {"synthetic_persona_chat": ("User 2", "User 1"), "mathdial": ("Student", "Teacher")}
@@ -139,7 +140,7 @@ def load_users(dataset: str, data_dir: str | os.PathLike, split: str, num_users:
     path = root / "mathdial" / "test.jsonl"
     reader = _mathdial_rows
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: missing; point milp.job.data_dir at the dialogue folder "
+    raise MissingFileError(f"{path}: missing; point milp.job.data_dir at the dialogue folder "
                             "(../shared/data/dialogue) holding synthetic_persona_chat/ and mathdial/.")
   rows = reader(path)
   if dataset == "mathdial" and split == "test":

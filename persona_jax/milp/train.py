@@ -42,6 +42,7 @@ from persona_jax.nn.lora import MLP_PROJECTIONS
 from persona_jax.train.losses import lm_loss
 from persona_jax.train import workdir as workdir_lib
 from persona_jax.train.trainer import TrainConfig, Trainer, TrainResult
+from persona_jax.errors import MissingFileError
 
 OBJECTIVES = ("rouge_l", "persona_f1")
 SINGLE_LORA_NAME = "memory_lora"
@@ -181,12 +182,12 @@ class MilpJob:
     """The decoder with `user_id`'s trained memory, from its checkpoint (and the layout saved beside it)."""
     layout_path = workdir_lib.join(self.user_dir(user_id), "layout.json")
     if not workdir_lib.exists(layout_path):
-      raise FileNotFoundError(f"{layout_path}: missing; user {user_id!r} has no trained memory in this "
+      raise MissingFileError(f"{layout_path}: missing; user {user_id!r} has no trained memory in this "
                               "workdir: run the milp job first (it trains the test users' memories).")
     memory = self.memory_trainer(MemoryLayout.from_json(json.loads(workdir_lib.read_text(layout_path))))
     memory.reset(self.user_dir(user_id))
     if memory.trainer.restore() is None:
-      raise FileNotFoundError(f"{self.user_dir(user_id)}: no checkpoint of user {user_id!r}; run the milp "
+      raise MissingFileError(f"{self.user_dir(user_id)}: no checkpoint of user {user_id!r}; run the milp "
                               "job first (it trains the test users' memories).")
     return memory.trainer.model()
 

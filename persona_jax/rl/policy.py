@@ -31,7 +31,7 @@ from persona_jax.rl import advantages as adv
 from persona_jax.rl import losses
 from persona_jax.rl.rollout import (Rollout, response_hidden, response_logprobs, sample_rollouts,
                                     score)
-from persona_jax.train.losses import token_log_probs
+from persona_jax.nn.logprobs import token_log_probs
 
 
 class PolicyWithValue(nnx.Module):

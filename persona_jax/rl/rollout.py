@@ -26,7 +26,7 @@ from flax import nnx
 
 from persona_jax import sampling
 from persona_jax.nn import padded_causal_mask, positions_from_mask
-from persona_jax.train.losses import token_log_probs
+from persona_jax.nn.logprobs import token_log_probs
 
 
 @dataclasses.dataclass

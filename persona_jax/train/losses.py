@@ -6,19 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from persona_jax.nn import segment_causal_mask
-
-
-def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(target) per position, via log_softmax in fp32.
-
-  Args:
-    logits: `[batch, seq, vocab]`.
-    targets: `[batch, seq]` int ids.
-  Returns:
-    `[batch, seq]` fp32.
-  """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+from persona_jax.nn.logprobs import token_log_probs
 
 
 def weighted_cross_entropy(logits: jax.Array, targets: jax.Array,

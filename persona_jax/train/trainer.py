@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from persona_jax.train import partitioning
 from persona_jax.train.checkpointing import Checkpointer
-from persona_jax.train.metrics import MetricsWriter, ProgressLine
+from persona_jax.train.metrics import MetricsWriter, ProgressLine, learning_rate_at
 from persona_jax.train.optim import make_optimizer
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
@@ -134,6 +134,8 @@ class TrainConfig:
     stop_after_zero_grad_steps: stop with `StuckTrainingError` when the gradient norm is exactly 0.0
       for this many consecutive steps (saturated parameters, e.g. a far too high learning rate);
       0 disables the check. A NaN/Inf loss or gradient norm always stops the run.
+    metrics_writers: where the loop's scalars go: 'tensorboard' (event files in <workdir>/tensorboard)
+      and/or 'wandb' (`pip install 'persona_jax[wandb]'`; WANDB_MODE=offline works without a network).
 
   Every field is checked on construction (type and range); a bad value raises `ValueError` naming the
   field and the fix, before any work starts.
@@ -161,6 +163,7 @@ class TrainConfig:
   log_every: int = 10
   seed: int = 0
   stop_after_zero_grad_steps: int = 10
+  metrics_writers: tuple[str, ...] = ("tensorboard",)
 
   def __post_init__(self):
     _validate_train_config(self)
@@ -332,7 +335,12 @@ class Trainer:
     # keep its arrays. (device_put may hand back the caller's buffer for a shard that already sits on
     # the right device, so copy explicitly.)
     params = jax.tree.map(jnp.copy, jax.device_put(trainable_state.to_pure_dict(), self.param_shardings))
-    self.frozen = jax.device_put(frozen_state.to_pure_dict(), self.frozen_shardings)
+    frozen = frozen_state.to_pure_dict()
+    if self.config.compute_dtype is not None:
+      # The frozen base is stored in the compute dtype once (half the memory at bf16), never cast
+      # inside the step; rollouts and evals of `model()` then compute in that dtype too.
+      frozen = _cast_floating(frozen, jnp.dtype(self.config.compute_dtype))
+    self.frozen = jax.device_put(frozen, self.frozen_shardings)
 
     abstract_opt_state = jax.eval_shape(self.tx.init, params)
     opt_shardings = partitioning.optimizer_state_shardings(
@@ -353,7 +361,7 @@ class Trainer:
   def _forward_loss(self, params, frozen, batch, rng):
     if self.config.compute_dtype is not None:
       dtype = jnp.dtype(self.config.compute_dtype)
-      params, frozen = _cast_floating(params, dtype), _cast_floating(frozen, dtype)
+      params = _cast_floating(params, dtype)  # the frozen base is stored in this dtype already
     model = nnx.merge(self.graphdef, params, frozen)
     loss, metrics = self.loss_fn(model, batch, rng)
     return loss.astype(jnp.float32), metrics
@@ -456,9 +464,10 @@ class Trainer:
     parts = [f"{label} {mib(getattr(analysis, attr))}" for label, attr in fields
              if getattr(analysis, attr, None) is not None]
     message = "Compile-time memory analysis of the train step (per device): " + ", ".join(parts)
-    logging.info(message)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # printed once (not also logged: absl's INFO goes to the console)
       print(message, flush=True)
+    else:
+      logging.info(message)
 
   def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """One optimizer update on a host batch; returns device metrics (not yet fetched)."""
@@ -533,7 +542,7 @@ class Trainer:
             eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
             eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
             step_callback: Callable[[int, dict[str, float], dict[str, np.ndarray]], None] | None = None,
-            ) -> TrainResult:
+            final_eval: bool = True) -> TrainResult:
     """Trains up to `config.num_steps`, resuming from the latest checkpoint in the workdir.
 
     Args:
@@ -545,6 +554,8 @@ class Trainer:
         accuracy, ...), run at the same times.
       step_callback: called after every step as `callback(step, metrics, host_batch)` (tests record
         the batches seen; methods may log more).
+      final_eval: also evaluate after the last step (the generic jobs pass False: they run the
+        method's full evaluation themselves).
     Returns:
       A `TrainResult` (final step, last metrics, last eval metrics, whether SIGTERM stopped it).
     Raises:
@@ -562,7 +573,8 @@ class Trainer:
     checkpointer = self._checkpointer()
     is_chief = jax.process_index() == 0
     writer = MetricsWriter(os.path.join(self.workdir, "tensorboard") if self.workdir and is_chief
-                           else None)
+                           else None, writers=config.metrics_writers,
+                           hparams=dict(dataclasses.asdict(config), **self._meta()))
     start_step = 0
     # A checkpoint is "known good" once a finite loss with a non-zero gradient was computed from the
     # parameters it holds (the step after it was saved); only such a checkpoint is offered as the one
@@ -664,7 +676,8 @@ class Trainer:
             step_callback(step, metrics_host, batch)
           progress.update(step, tokens=_tokens_in(batch))
           if step % config.log_every == 0 or step == config.num_steps:
-            writer.write(step, metrics_host)
+            writer.write(step, dict(metrics_host, **progress.rates(step),
+                                    learning_rate=learning_rate_at(config, step)))
             if is_chief:
               print(progress.line(step, metrics_host["loss"]), flush=True)
           if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
@@ -680,7 +693,7 @@ class Trainer:
             if is_chief:
               print(f"SIGTERM: saved checkpoint at step {step}; exiting.", flush=True)
             break
-      if not preempted and (eval_batches is not None or eval_fn is not None):
+      if final_eval and not preempted and (eval_batches is not None or eval_fn is not None):
         eval_metrics = run_eval(step)
       if checkpointer is not None and not preempted and start_step == config.num_steps:
         logging.info("Nothing to do: the checkpoint is already at num_steps=%d.", step)
