@@ -45,7 +45,6 @@ import pathlib
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from persona_jax.errors import MissingFileError
 
 SPLITS = ("train", "validation", "test")
 MOVIELENS_CONFIGS = ("latest-small", "1m", "20m", "25m", "100k")
@@ -365,7 +364,7 @@ def read_amazon_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error") -> 
     raise ValueError(f"read_amazon_jsonl: on_bad_row must be 'error' or 'skip', got {on_bad_row!r}.")
   path = pathlib.Path(path)
   if not path.is_file():
-    raise MissingFileError(f"Amazon user histories file {path} not found (expected one of "
+    raise FileNotFoundError(f"Amazon user histories file {path} not found (expected one of "
                             f"{sorted(AMAZON_FILES.values())} in ../shared/data/amazon/"
                             f"amazon2023_user_histories).")
   users = []
