@@ -26,6 +26,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from tokenizers import Tokenizer
 
@@ -176,7 +177,31 @@ def _safetensors_names(path: pathlib.Path) -> list[str]:
     return list(handle.keys())
 
 
-def _load_hf_weights(directory: pathlib.Path, config: DecoderConfig) -> dict[tuple, jax.Array]:
+def _checked_source(tensor, what: str, allow_cast: bool):
+  """A stored tensor as read: floating and finite, or one ValueError naming it.
+
+  Integer / bool tensors where float weights belong (a mislabeled or quantized export) are refused
+  unless `allow_cast=True` (then cast to float32, with a warning); NaN/Inf are always refused: a
+  decoder built from them gives NaN logits much later, far from the cause.
+  """
+  dtype = jnp.dtype(tensor.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    if not allow_cast:
+      raise ValueError(f"{what} has dtype {dtype.name} but a float weight is expected; the file was "
+                       "exported wrongly (or holds quantized data). Fix: re-export it, or pass "
+                       "allow_cast=True to load_pretrained to cast it to float32 explicitly.")
+    logging.warning("%s has dtype %s; cast to float32 (allow_cast=True).", what, dtype.name)
+    tensor = jnp.asarray(tensor).astype(jnp.float32)
+  finite = jnp.isfinite(jnp.asarray(tensor))
+  if not bool(finite.all()):
+    bad = int(finite.size - finite.sum())
+    raise ValueError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {finite.size}; the checkpoint "
+                     "is corrupt or was saved after training diverged: use another checkpoint.")
+  return tensor
+
+
+def _load_hf_weights(directory: pathlib.Path, config: DecoderConfig,
+                     allow_cast: bool = False) -> dict[tuple, jax.Array]:
   """Decoder path -> array, every tensor of the family's table read, checked and transformed."""
   family = mapping.FAMILIES[config.family]
   entries = mapping.expand(family.weights, config)
@@ -208,13 +233,15 @@ def _load_hf_weights(directory: pathlib.Path, config: DecoderConfig) -> dict[tup
         except Exception as error:  # data region cut off after a valid header
           raise ValueError(f"{file}: tensor {name!r} cannot be read ({error}); the file is truncated or "
                            "corrupt: download or save it again.") from None
+        tensor = _checked_source(tensor, f"{file}: tensor {name!r}", allow_cast)
         params[path] = _checked(transform.load(tensor, config), abstract[path], f"{file}: tensor {name!r}",
                                 transform)
   return params
 
 
 # GGUF ---------------------------------------------------------------------------------------------
-def _load_gguf_weights(gguf: GGUFFile, config: DecoderConfig) -> dict[tuple, jax.Array]:
+def _load_gguf_weights(gguf: GGUFFile, config: DecoderConfig,
+                       allow_cast: bool = False) -> dict[tuple, jax.Array]:
   entries = mapping.expand(mapping.GGUF_LLAMA_WEIGHTS, config)
   expected = {name for name, _, _ in entries}
   missing = sorted(expected - set(gguf.tensors))
@@ -228,7 +255,7 @@ def _load_gguf_weights(gguf: GGUFFile, config: DecoderConfig) -> dict[tuple, jax
   abstract = _abstract_params(config)
   params = {}
   for name, path, transform in entries:
-    tensor = gguf.tensor(name)
+    tensor = _checked_source(gguf.tensor(name), f"{gguf.path}: tensor {name!r}", allow_cast)
     params[path] = _checked(transform.load(tensor, config), abstract[path], f"{gguf.path}: tensor {name!r}",
                             transform)
   return params
@@ -274,7 +301,7 @@ def _dtype_name(dtype) -> str:
 
 
 def load_pretrained(source: str | os.PathLike, dtype=jnp.float32, *, with_tokenizer: bool = True,
-                    revision: str | None = None) -> Pretrained:
+                    revision: str | None = None, allow_cast: bool = False) -> Pretrained:
   """Loads a pretrained decoder (and its tokenizer and chat template).
 
   Args:
@@ -282,6 +309,8 @@ def load_pretrained(source: str | os.PathLike, dtype=jnp.float32, *, with_tokeni
     dtype: parameter and compute dtype of the decoder (`jnp.float32`, `jnp.bfloat16`).
     with_tokenizer: also load the tokenizer and chat template.
     revision: hub revision (branch, tag or commit) for a hub id.
+    allow_cast: cast integer/bool weight tensors to float32 instead of refusing them (NaN/Inf
+      weights are refused either way, naming the tensor).
   """
   kind, path = resolve_source(source, revision)
   dtype = _dtype_name(dtype)
@@ -289,14 +318,14 @@ def load_pretrained(source: str | os.PathLike, dtype=jnp.float32, *, with_tokeni
   if kind == "gguf":
     gguf = GGUFFile(path)
     config = gguf.decoder_config(dtype)
-    params = _load_gguf_weights(gguf, config)
+    params = _load_gguf_weights(gguf, config, allow_cast)
     if with_tokenizer:
       tokenizer = tokenizer_from_gguf_metadata(gguf.metadata, str(path))
       template = gguf.metadata.get("tokenizer.chat_template")
       special = special_tokens_from_gguf_metadata(gguf.metadata)
   else:
     config = hf_config.from_hf_config(_read_config_json(path), str(path / "config.json"), dtype)
-    params = _load_hf_weights(path, config)
+    params = _load_hf_weights(path, config, allow_cast)
     if with_tokenizer:
       tokenizer, template, special = read_tokenizer_dir(path)
   return Pretrained(decoder=_build_decoder(config, params), config=config, tokenizer=tokenizer,
