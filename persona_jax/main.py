@@ -26,6 +26,10 @@ import os
 import pathlib
 import sys
 
+# TensorFlow reads this once, when it is first imported (below, through the data pipelines): quiet
+# unless --verbose. (TF's first two lines, before absl::InitializeLog, cannot be silenced this way.)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if "--verbose" in sys.argv else "3")
+
 import gin
 from absl import app, flags, logging
 from etils import epath
