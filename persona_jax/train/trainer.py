@@ -705,6 +705,25 @@ class Trainer:
     return TrainResult(step=step, metrics=metrics_host, eval_metrics=eval_metrics,
                        preempted=preempted, history=history)
 
+  def reset(self, model: nnx.Module, workdir: str | None = None) -> None:
+    """A fresh train state (step 0, a new optimizer state, the config's seed) holding `model`'s
+    trainable parameters, checkpointed under `workdir` from now on; the compiled step is kept.
+
+    `model` has the structure the Trainer was built with (e.g. that module, kept untrained): one
+    Trainer, compiled once, then trains many models of one shape (MiLP: a memory per user).
+    """
+    params = nnx.state(model, self.trainable_filter).to_pure_dict()
+    if jax.tree.structure(params) != jax.tree.structure(self.state.params):
+      raise ValueError("Trainer.reset: the model's trainable parameters do not have the structure "
+                       "the Trainer was built with; build a new Trainer for another model.")
+    params = jax.tree.map(jnp.copy, jax.device_put(params, self.param_shardings))
+    replicated = self.state_shardings.step
+    self.state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+        opt_state=jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params),
+        rng=jax.device_put(jax.random.PRNGKey(self.config.seed), replicated))
+    self.workdir = workdir
+
   @staticmethod
   def _agree(flag: bool) -> bool:
     """All processes stop at the same step if any of them got SIGTERM."""
