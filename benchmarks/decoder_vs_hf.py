@@ -6,12 +6,19 @@ GGUF, fp32 on both sides):
   * greedy generation tokens/s at batch 1 and batch 8, 64 new tokens each (no early stop: both sides
     generate exactly `new_tokens` per row, prefill included in the time);
   * achieved model FLOP/s as a fraction of the machine's own fp32 matmul peak, measured in the same
-    run in both jax and torch (the larger of the two is the peak).
+    run in both jax and torch (the larger of the two is the peak);
+  * decode weights (`--weight_formats`, persona_jax.nn.quantization): for each of fp32, bf16 and int8
+    weight-only, greedy tokens/s at each batch, the speed-up over transformers.generate (fp32), the
+    fraction of the memory-bandwidth bound (each decode step reads every weight once; the bound is a
+    streaming read of the same weight arrays, measured in the same run), greedy agreement with our
+    fp32 tokens (up to fp32's first EOS) and the max |logit difference| vs fp32 on the prompts'
+    next-token logits.
 Compilation is excluded (one warm-up call); each figure is the median of `--reps` timed calls.
 
 Run from the repository root:
   python -m benchmarks.decoder_vs_hf
   python -m benchmarks.decoder_vs_hf --reps 5 --generate_batches 1,4,8
+  python -m benchmarks.decoder_vs_hf --reps 1 --weight_formats float32,int8
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import functools
 import os
 import platform
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +38,7 @@ from benchmarks.common import (forward_flops, generation_flops, markdown_table,
                                measure_matmul_peak_flops, median_seconds)
 from persona_jax import sampling
 from persona_jax.hf import apply_chat_template, load_pretrained, resolve_source
+from persona_jax.nn import quantization
 
 # Chat questions of different lengths: batch-8 prompts are left-padded to the longest.
 QUESTIONS = [
@@ -54,7 +63,23 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--generate_batches", default="1,8", help="comma-separated batch sizes")
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--matmul_size", type=int, default=2048, help="side of the peak-matmul operands")
+  parser.add_argument("--weight_formats", default="float32,bfloat16,int8",
+                      help="decode-weight formats to compare (persona_jax.nn.quantization)")
+  parser.add_argument("--skip_forward", action="store_true", help="skip the forward comparison")
   return parser.parse_args()
+
+
+@jax.jit
+def _stream_read(leaves):
+  """Reads every byte of `leaves` once (a sum, accumulated in fp32): the bandwidth-bound baseline."""
+  return sum(jnp.sum(leaf, dtype=jnp.float32) for leaf in leaves)
+
+
+def stream_read_seconds(decoder, reps: int) -> float:
+  """Median seconds to read the decoder's weight arrays once (same arrays, same bytes)."""
+  leaves = jax.tree.leaves(nnx.state(decoder, nnx.Param))
+  return median_seconds(lambda: _stream_read(leaves).block_until_ready(), reps=max(reps, 3),
+                        warmup=1)
 
 
 def load_transformers_model(source: str):
@@ -97,19 +122,36 @@ def main():
         f"{flops / theirs_seconds / peak:.1%}"])
 
   # Forward: logits at every position of a [batch, seq] block of random ids.
-  ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.forward_batch, args.forward_len))
-  graphdef, params = nnx.split(decoder)
-  jax_ids, torch_ids = jnp.asarray(ids, jnp.int32), torch.as_tensor(ids)
-  ours_logits = _jax_forward(graphdef, params, jax_ids)
-  with torch.inference_mode():
-    theirs_logits = hf_model(input_ids=torch_ids).logits.numpy()
-    forward_error = float(np.abs(np.asarray(ours_logits) - theirs_logits).max())
-    theirs_seconds = median_seconds(lambda: hf_model(input_ids=torch_ids).logits, reps=args.reps)
-  ours_seconds = median_seconds(
-      lambda: _jax_forward(graphdef, params, jax_ids).block_until_ready(), reps=args.reps)
-  add_row(f"forward {args.forward_batch}x{args.forward_len} (tokens/s)",
-          forward_flops(config, args.forward_batch, args.forward_len), ours_seconds, theirs_seconds,
-          args.forward_batch * args.forward_len)
+  forward_error = float("nan")
+  if not args.skip_forward:
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.forward_batch, args.forward_len))
+    graphdef, params = nnx.split(decoder)
+    jax_ids, torch_ids = jnp.asarray(ids, jnp.int32), torch.as_tensor(ids)
+    ours_logits = _jax_forward(graphdef, params, jax_ids)
+    with torch.inference_mode():
+      theirs_logits = hf_model(input_ids=torch_ids).logits.numpy()
+      forward_error = float(np.abs(np.asarray(ours_logits) - theirs_logits).max())
+      theirs_seconds = median_seconds(lambda: hf_model(input_ids=torch_ids).logits, reps=args.reps)
+    ours_seconds = median_seconds(
+        lambda: _jax_forward(graphdef, params, jax_ids).block_until_ready(), reps=args.reps)
+    add_row(f"forward {args.forward_batch}x{args.forward_len} (tokens/s)",
+            forward_flops(config, args.forward_batch, args.forward_len), ours_seconds,
+            theirs_seconds, args.forward_batch * args.forward_len)
+
+  # Decode weights: one converted copy per format (conversion timed separately), and the streaming
+  # read of its weights (the bandwidth bound of a decode step).
+  formats = [f for f in args.weight_formats.split(",") if f]
+  if "float32" not in formats:
+    formats.insert(0, "float32")  # the accuracy reference
+  decoders, read_seconds, convert_seconds, sizes = {}, {}, {}, {}
+  for weight_format in formats:
+    start = time.perf_counter()
+    decoders[weight_format] = jax.block_until_ready(
+        quantization.convert_decoder_weights(decoder, weight_format))
+    convert_seconds[weight_format] = time.perf_counter() - start
+    read_seconds[weight_format] = stream_read_seconds(decoders[weight_format], args.reps)
+    sizes[weight_format] = quantization.weight_bytes(decoders[weight_format])
+  weight_rows = []
 
   # Greedy generation: chat prompts, exactly new_tokens per row on both sides.
   prompts_all = [
@@ -122,9 +164,9 @@ def main():
     tokens, mask = sampling.pad_prompts(prompts, pad_id=pad_id)  # left-padded, no bucketing
     torch_tokens, torch_mask = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(mask).long()
 
-    def ours_generate():
+    def ours_generate(model=decoder):
       return jax.block_until_ready(sampling.generate(
-          decoder, (tokens, mask), max_new_tokens=args.new_tokens, stop_tokens=()).tokens)
+          model, (tokens, mask), max_new_tokens=args.new_tokens, stop_tokens=()).tokens)
 
     def theirs_generate():
       with torch.inference_mode():
@@ -150,6 +192,29 @@ def main():
             generation_flops(config, batch, tokens.shape[1], args.new_tokens), ours_seconds,
             theirs_seconds, batch * args.new_tokens)
 
+    # The same generation from each decode-weight format.
+    reference_logits = np.asarray(sampling.prefill(decoder, tokens, mask, tokens.shape[1]).logits)
+    for weight_format in formats:
+      model = decoders[weight_format]
+      if weight_format == "float32":
+        format_tokens, format_seconds = ours_tokens, ours_seconds
+      else:
+        format_tokens = np.asarray(ours_generate(model))  # warm-up: compiles
+        format_seconds = median_seconds(lambda m=model: ours_generate(m), reps=args.reps, warmup=0)
+      logits = np.asarray(sampling.prefill(model, tokens, mask, tokens.shape[1]).logits)
+      agree = 0
+      for reference_row, row in zip(ours_tokens, format_tokens):
+        eos_at = np.flatnonzero(reference_row == config.eos_token_id)
+        end = int(eos_at[0]) if eos_at.size else args.new_tokens
+        agree += int(np.array_equal(reference_row[:end], row[:end]))
+      # Each step reads every weight once: the bound is new_tokens weight reads (prefill aside).
+      bound_seconds = args.new_tokens * read_seconds[weight_format]
+      weight_rows.append([
+          weight_format, f"{sizes[weight_format] / 2**20:,.0f}", batch,
+          f"{batch * args.new_tokens / format_seconds:,.1f}",
+          f"{theirs_seconds / format_seconds:.2f}x", f"{bound_seconds / format_seconds:.0%}",
+          f"{agree}/{batch}", f"{np.abs(logits - reference_logits).max():.3f}"])
+
   print(f"\nmodel: {args.model} ({config.num_params() / 1e6:.0f}M parameters, fp32 both sides)")
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
@@ -162,6 +227,16 @@ def main():
   print(f"median of {args.reps} timed runs after warm-up; generation time includes the prefill\n")
   print(markdown_table(["measurement", "persona_jax", "transformers", "speed-up",
                         "persona_jax % of peak", "transformers % of peak"], rows))
+  print("\ndecode weights (persona_jax.nn.quantization; transformers stays fp32); streaming read of "
+        "each format's weights: " + ", ".join(
+            f"{f} {sizes[f] / read_seconds[f] / 1e9:.1f} GB/s ({read_seconds[f] * 1e3:.1f} ms)"
+            for f in formats))
+  print("conversion time (once per set of weights): " + ", ".join(
+      f"{f} {convert_seconds[f]:.2f} s" for f in formats if f != "float32"))
+  print(f"logit difference: max |logits - fp32 logits| over the prompts' next-token logits "
+        f"(fp32 logits span about {np.abs(reference_logits).max():.1f})\n")
+  print(markdown_table(["weights", "MiB", "batch", "tokens/s", "vs transformers fp32",
+                        "% of bandwidth bound", "greedy = fp32", "max |logit diff|"], weight_rows))
 
 
 if __name__ == "__main__":
