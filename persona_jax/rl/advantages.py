@@ -9,13 +9,31 @@ Step-level rewards (per turn or per token) use `[batch, steps]` arrays with a `[
   * `grpo_advantages`: group-normalized, `(r_i - mean_g) / (std_g + eps)` (unbiased std, as TRL).
   * `gae_advantages`: generalized advantage estimation over turns or tokens.
 
-`SEQUENCE_ESTIMATORS` maps a name to the sequence-level estimator, so a gin binding picks one.
+Sequence-level estimators register by name with `@register_estimator("<name>")` (the registry is
+`SEQUENCE_ESTIMATORS`), so a gin binding picks one and a new estimator is one decorated function.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+# name -> estimator(rewards [batch], values [batch] | None, group_size=k) -> advantages [batch]
+SEQUENCE_ESTIMATORS: dict[str, Callable[..., jax.Array]] = {}
+
+
+def register_estimator(name: str):
+  """Decorator: registers a sequence-level advantage estimator under `name`."""
+
+  def decorate(fn):
+    if name in SEQUENCE_ESTIMATORS and SEQUENCE_ESTIMATORS[name] is not fn:
+      raise ValueError(f"Two advantage estimators register the name {name!r}.")
+    SEQUENCE_ESTIMATORS[name] = fn
+    return fn
+
+  return decorate
 
 
 def _group(rewards: jax.Array, group_size: int, name: str) -> jax.Array:
@@ -30,6 +48,7 @@ def _group(rewards: jax.Array, group_size: int, name: str) -> jax.Array:
   return rewards.reshape(-1, group_size)
 
 
+@register_estimator("reinforce")
 def reinforce_advantages(rewards: jax.Array, values: jax.Array | None = None,
                          group_size: int = 1) -> jax.Array:
   """`[batch]` advantages `r - stop_gradient(values)` (values None: plain REINFORCE, baseline 0)."""
@@ -40,6 +59,7 @@ def reinforce_advantages(rewards: jax.Array, values: jax.Array | None = None,
   return rewards - jax.lax.stop_gradient(jnp.asarray(values, jnp.float32))
 
 
+@register_estimator("rloo")
 def rloo_advantages(rewards: jax.Array, values: jax.Array | None = None,
                     group_size: int = 2) -> jax.Array:
   """`[batch]` leave-one-out advantages: `r_i - (sum_g - r_i) / (k - 1)`; `values` unused."""
@@ -49,6 +69,7 @@ def rloo_advantages(rewards: jax.Array, values: jax.Array | None = None,
   return (grouped - others_mean).reshape(-1)
 
 
+@register_estimator("grpo")
 def grpo_advantages(rewards: jax.Array, values: jax.Array | None = None, group_size: int = 2,
                     epsilon: float = 1e-4) -> jax.Array:
   """`[batch]` group-normalized advantages `(r - mean_g) / (std_g + epsilon)`; `values` unused."""
@@ -57,13 +78,6 @@ def grpo_advantages(rewards: jax.Array, values: jax.Array | None = None, group_s
   mean = grouped.mean(axis=1, keepdims=True)
   std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
   return ((grouped - mean) / (std + epsilon)).reshape(-1)
-
-
-SEQUENCE_ESTIMATORS = {
-    "reinforce": reinforce_advantages,
-    "rloo": rloo_advantages,
-    "grpo": grpo_advantages,
-}
 
 
 def sequence_advantages(name: str, rewards: jax.Array, values: jax.Array | None = None,

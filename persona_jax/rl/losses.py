@@ -9,13 +9,42 @@ Reductions (`REDUCTIONS`):
     whole sequence's log-probability);
   * "sequence_mean": per-row token mean, then mean over rows (GRPO's original normalization).
 
-Registries (`POLICY_LOSSES`, `KL_ESTIMATORS`) let a gin binding pick by name.
+Registries let a gin binding pick by name; a new entry is one decorated function:
+`@register_policy_loss("<name>")` fills `POLICY_LOSSES` (signature of `ppo_clipped_loss`), and
+`@register_kl_estimator("<name>")` fills `KL_ESTIMATORS` (`(logprobs, reference_logprobs) -> [B, T]`).
+
+PPO's diagnostics (in `ppo_clipped_loss`'s metrics, and logged by `rl.make_loss_fn` for every loss):
+`ratio_mean` (mean of pi_new / pi_sampling over the policy's tokens; 1 on a fresh rollout's first
+update), `clip_fraction` (share of tokens whose ratio left [1 - eps, 1 + eps]) and `approx_kl` (k3
+estimate of KL(pi_sampling || pi_new) on the sampled tokens).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[jax.Array, dict]]] = {}
+KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {}
+
+
+def _registrar(registry: dict, what: str):
+  def register(name: str):
+    def decorate(fn):
+      if name in registry and registry[name] is not fn:
+        raise ValueError(f"Two {what}s register the name {name!r}.")
+      registry[name] = fn
+      return fn
+    return decorate
+  return register
+
+
+register_policy_loss = _registrar(POLICY_LOSSES, "policy loss")
+register_policy_loss.__doc__ = "Decorator: registers a policy loss (gin `rl.loss.policy_loss`)."
+register_kl_estimator = _registrar(KL_ESTIMATORS, "KL estimator")
+register_kl_estimator.__doc__ = "Decorator: registers a per-token KL estimator (`rl.loss.kl_estimator`)."
 
 
 def _f32(x):
@@ -40,6 +69,20 @@ def reduce_masked(per_token: jax.Array, mask: jax.Array, reduction: str = "token
 REDUCTIONS = ("token_mean", "sequence_sum", "sequence_mean")
 
 
+def ratio_metrics(logprobs, old_logprobs, mask, clip_epsilon: float | None = None) -> dict:
+  """`ratio_mean`, `approx_kl` (k3 of the sampling vs the new policy) and, with `clip_epsilon`,
+  `clip_fraction`, over the masked tokens (no gradient)."""
+  log_ratio = jax.lax.stop_gradient(_f32(logprobs) - _f32(old_logprobs))
+  ratio = jnp.exp(log_ratio)
+  metrics = {"ratio_mean": reduce_masked(ratio, mask),
+             "approx_kl": reduce_masked(ratio - 1.0 - log_ratio, mask)}
+  if clip_epsilon is not None:
+    clipped = (jnp.abs(ratio - 1.0) > clip_epsilon).astype(jnp.float32)
+    metrics["clip_fraction"] = reduce_masked(clipped, mask)
+  return metrics
+
+
+@register_policy_loss("policy_gradient")
 def policy_gradient_loss(logprobs, advantages, mask, *, old_logprobs=None, clip_epsilon=None,
                          reduction: str = "token_mean") -> tuple[jax.Array, dict]:
   """REINFORCE surrogate `-A * log pi(a)`; its gradient is `-A * grad log pi(a)`.
@@ -53,36 +96,33 @@ def policy_gradient_loss(logprobs, advantages, mask, *, old_logprobs=None, clip_
   return loss, {}
 
 
+@register_policy_loss("ppo")
 def ppo_clipped_loss(logprobs, advantages, mask, *, old_logprobs, clip_epsilon: float = 0.2,
                      reduction: str = "token_mean") -> tuple[jax.Array, dict]:
   """PPO's clipped surrogate `-min(rho A, clip(rho, 1-eps, 1+eps) A)`, `rho = exp(logp - logp_old)`.
 
-  Returns (scalar, {"clip_fraction": share of masked tokens whose ratio was clipped}).
+  Returns (scalar, {"clip_fraction": share of masked tokens whose ratio was clipped, "ratio_mean",
+  "approx_kl"}) (see `ratio_metrics`).
   """
   advantages = jax.lax.stop_gradient(_f32(advantages))
   ratio = jnp.exp(_f32(logprobs) - jax.lax.stop_gradient(_f32(old_logprobs)))
   clipped_ratio = jnp.clip(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
   per_token = -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
-  clipped = (jnp.abs(ratio - 1.0) > clip_epsilon).astype(jnp.float32)
-  return reduce_masked(per_token, mask, reduction), {
-      "clip_fraction": reduce_masked(clipped, mask, "token_mean")}
+  return (reduce_masked(per_token, mask, reduction),
+          ratio_metrics(logprobs, old_logprobs, mask, clip_epsilon))
 
 
-POLICY_LOSSES = {"policy_gradient": policy_gradient_loss, "ppo": ppo_clipped_loss}
-
-
+@register_kl_estimator("k1")
 def kl_k1(logprobs, reference_logprobs):
   """Per-token k1 estimator of KL(pi || ref) on samples from pi: `log pi - log ref`."""
   return _f32(logprobs) - _f32(reference_logprobs)
 
 
+@register_kl_estimator("k3")
 def kl_k3(logprobs, reference_logprobs):
   """Per-token k3 (low-variance, non-negative) estimator: `exp(d) - d - 1` with `d = log ref - log pi`."""
   log_ratio = _f32(reference_logprobs) - _f32(logprobs)
   return jnp.exp(log_ratio) - log_ratio - 1.0
-
-
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
 
 def kl_divergence(logprobs, reference_logprobs, estimator: str = "k3") -> jax.Array:

@@ -1,13 +1,11 @@
-"""The policy step on the training core: a value-headed policy, the RL loss, rollout batches.
+"""The policy step on the training core: a value-headed policy, the RL loss, the train batch.
 
   * `PolicyWithValue`: a decoder plus a scalar value head on its final-normed hidden states.
   * `make_loss_fn(...)`: `loss_fn(model, batch, rng)` for `persona_jax.train.Trainer` over a rollout
     batch (the layout of `rl.rollout`): policy loss (registry `losses.POLICY_LOSSES`) + KL to the
-    reference (k1/k3) + value loss. The step is the core's jitted, sharded train step.
-  * `RolloutBatches`: the Trainer's "data iterator": each `next()` samples with the trainer's current
-    policy, scores the samples (reference log-probs, values), asks the method's reward function, and
-    returns the batch. Its `get_state()` (prompt position, rollout count) is checkpointed with the
-    train state, so a resumed run continues exactly.
+    reference (k1/k3) + value loss. The step is the core's jitted, sharded train step; the loop that
+    feeds it rollouts (several epochs of minibatches per rollout) is `rl.Learner`.
+  * `sequence_batch(...)`: that batch for one scalar reward per sampled response.
 
 Sharing weights: the Trainer copies the trainable parameters into its own state, so the module you
 hand it keeps its initial weights. That module (or its decoder) IS the reference policy: no second
@@ -18,7 +16,7 @@ at zero the initial policy computes exactly the base model.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import gin
 import jax
@@ -29,8 +27,7 @@ from flax import nnx
 from persona_jax.nn.layers import logical_param
 from persona_jax.rl import advantages as adv
 from persona_jax.rl import losses
-from persona_jax.rl.rollout import (Rollout, response_hidden, response_logprobs, sample_rollouts,
-                                    score)
+from persona_jax.rl.rollout import Rollout, response_hidden, response_logprobs
 from persona_jax.nn.logprobs import token_log_probs
 
 
@@ -76,8 +73,8 @@ def make_loss_fn(policy_loss: str = "policy_gradient", clip_epsilon: float = 0.2
     policy_loss: a key of `losses.POLICY_LOSSES` ('policy_gradient' or 'ppo').
     clip_epsilon: PPO ratio clip.
     kl_coefficient: weight of the KL loss term (0: none; put a KL penalty in the reward instead with
-      `RolloutBatches(kl_reward_coefficient=...)`). As a loss term use k3: k1's gradient on on-policy
-      samples is zero in expectation.
+      `rl.PromptRollouts(kl_reward_coefficient=...)`). As a loss term use k3: k1's gradient on
+      on-policy samples is zero in expectation.
     kl_estimator: 'k1' or 'k3'.
     value_coefficient: weight of the value loss (used when the model has a value head).
     reduction: a key of `losses.REDUCTIONS` for the policy and KL terms.
@@ -86,6 +83,10 @@ def make_loss_fn(policy_loss: str = "policy_gradient", clip_epsilon: float = 0.2
   advantages `[B, R]`; reference_logprobs `[B, R]` when kl_coefficient > 0; returns and value_mask
   `[B, R]` for the value loss; optional `rewards [B]` and `metric/<name> [B]` are averaged into the
   metrics (so the training curve has them).
+
+  Metrics: the loss terms, `ratio_mean` / `approx_kl` (how far the updated policy moved from the
+  sampling policy; 1 and 0 on a rollout's first update) and, for 'ppo', `clip_fraction`, the mean
+  reward and every `metric/<name>`.
   """
   if policy_loss not in losses.POLICY_LOSSES:
     raise ValueError(f"rl.loss.policy_loss={policy_loss!r} is unknown; choose one of "
@@ -109,7 +110,8 @@ def make_loss_fn(policy_loss: str = "policy_gradient", clip_epsilon: float = 0.2
     loss, metrics = policy_loss_fn(logprobs, batch["advantages"], mask,
                                    old_logprobs=batch["sampling_logprobs"],
                                    clip_epsilon=clip_epsilon, reduction=reduction)
-    metrics = dict(metrics, policy_loss=loss)
+    metrics = dict(losses.ratio_metrics(logprobs, batch["sampling_logprobs"], mask), **metrics,
+                   policy_loss=loss)
     if kl_coefficient > 0:
       kl = losses.reduce_masked(
           losses.kl_divergence(logprobs, batch["reference_logprobs"], kl_estimator), mask, reduction)
@@ -119,9 +121,6 @@ def make_loss_fn(policy_loss: str = "policy_gradient", clip_epsilon: float = 0.2
       v_loss = losses.value_loss(values, batch["returns"], batch["value_mask"])
       loss = loss + value_coefficient * v_loss
       metrics["value_loss"] = v_loss
-    # How far the policy moved from the sampling policy (0 on the first pass over fresh samples).
-    metrics["sampling_kl_k3"] = losses.reduce_masked(
-        losses.kl_k3(logprobs, batch["sampling_logprobs"]), mask)
     metrics["response_tokens"] = jnp.sum(mask, axis=-1).mean()
     if "rewards" in batch:
       metrics["reward"] = jnp.mean(batch["rewards"])
@@ -155,135 +154,3 @@ def sequence_batch(rollout: Rollout, rewards: np.ndarray, *, estimator: str,
   if reference_logprobs is not None:
     batch["reference_logprobs"] = (reference_logprobs * rollout.response_mask).astype(np.float32)
   return batch
-
-
-class ExampleCycler:
-  """Endless, seeded pass over a list of examples in batches of `batch_size` (a fresh permutation
-  each epoch); `get_state`/`set_state` make it resumable."""
-
-  def __init__(self, examples: Sequence[Any], batch_size: int, seed: int = 0):
-    if not examples:
-      raise ValueError("ExampleCycler: no examples to train on (the prompt source is empty).")
-    if batch_size < 1:
-      raise ValueError(f"ExampleCycler: batch_size must be >= 1, got {batch_size}.")
-    self.examples = list(examples)
-    self.batch_size = batch_size
-    self.seed = seed
-    self.position = 0  # examples drawn so far
-
-  def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-
-  def __next__(self) -> list[Any]:
-    picked = []
-    for _ in range(self.batch_size):
-      epoch, index = divmod(self.position, len(self.examples))
-      picked.append(self.examples[self._order(epoch)[index]])
-      self.position += 1
-    return picked
-
-  def get_state(self) -> dict:
-    return {"position": self.position}
-
-  def set_state(self, state: dict) -> None:
-    self.position = int(state["position"])
-
-
-RewardFn = Callable[[list[Any], Rollout], dict[str, np.ndarray]]
-
-
-class RolloutBatches:
-  """Rollout batches for `Trainer.train`, sampled with the trainer's current policy.
-
-  Args:
-    trainer: the core `Trainer` whose model is the policy (a `PolicyWithValue` or a `Decoder`).
-    examples: an `ExampleCycler` (or anything with `__next__` -> list of examples and
-      `get_state`/`set_state`); each example is a dict with `prompt_tokens` (list of ids).
-    reward_fn: `reward_fn(examples_per_row, rollout) -> {"rewards": [B], other name: [B] ...}`; rows
-      are the examples repeated `samples_per_prompt` times; extra entries become `metric/<name>`.
-    reference: the frozen reference policy (a `Decoder`, e.g. the module given to the Trainer), or
-      None when no KL is used.
-    estimator: a key of `advantages.SEQUENCE_ESTIMATORS`.
-    samples_per_prompt / max_new_tokens / temperature / top_k / top_p / stop_tokens / pad_id: sampling.
-    kl_reward_coefficient: subtract `coef * sum_t k1_t` (KL to the reference) from each reward.
-    prompt_length: left-pad every prompt to this width (default: the longest prompt of
-      `examples.examples` rounded up to 16, when the source exposes its examples), so every batch
-      has one shape and the sampler, scorer and train step compile once.
-    seed: sampling randomness (folded with the rollout count: resumable and reproducible).
-  """
-
-  def __init__(self, trainer, examples, reward_fn: RewardFn, *, reference=None,
-               estimator: str = "reinforce", samples_per_prompt: int = 1, max_new_tokens: int = 32,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               stop_tokens: Sequence[int] | None = None, pad_id: int | None = None,
-               kl_reward_coefficient: float = 0.0, prompt_length: int | None = None,
-               seed: int = 0):
-    if estimator not in adv.SEQUENCE_ESTIMATORS:
-      raise ValueError(f"RolloutBatches: estimator={estimator!r} is unknown; choose one of "
-                       f"{sorted(adv.SEQUENCE_ESTIMATORS)}.")
-    if estimator != "reinforce" and samples_per_prompt < 2:
-      raise ValueError(f"RolloutBatches: estimator={estimator!r} compares samples of the same prompt: "
-                       f"set samples_per_prompt >= 2 (got {samples_per_prompt}).")
-    if kl_reward_coefficient > 0 and reference is None:
-      raise ValueError("RolloutBatches: kl_reward_coefficient > 0 needs a reference policy.")
-    self.trainer = trainer
-    self.examples = examples
-    self.reward_fn = reward_fn
-    self.reference = reference
-    self.estimator = estimator
-    self.samples_per_prompt = samples_per_prompt
-    self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
-    self.kl_reward_coefficient = kl_reward_coefficient
-    if prompt_length is None and hasattr(examples, "examples"):
-      prompt_length = -(-max(len(e["prompt_tokens"]) for e in examples.examples) // 16) * 16
-    self.prompt_length = prompt_length
-    self.seed = seed
-    self.count = 0
-    self.last_rollout: Rollout | None = None
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    policy = self.trainer.model()
-    decoder = policy.decoder if isinstance(policy, PolicyWithValue) else policy
-    examples = next(self.examples)
-    rng = jax.random.fold_in(jax.random.key(self.seed), self.count)
-    self.count += 1
-    rollout = sample_rollouts(decoder, [e["prompt_tokens"] for e in examples], rng=rng,
-                              samples_per_prompt=self.samples_per_prompt,
-                              prompt_bucket=self.prompt_length or 16, **self.sampling)
-    rows = [e for e in examples for _ in range(self.samples_per_prompt)]
-    reward_out = dict(self.reward_fn(rows, rollout))
-    rewards = np.asarray(reward_out.pop("rewards"), np.float32)
-    if rewards.shape != (rollout.batch_size,):
-      raise ValueError(f"reward_fn returned rewards of shape {rewards.shape}; expected "
-                       f"({rollout.batch_size},), one per sampled response.")
-    needs_values = isinstance(policy, PolicyWithValue) and self.estimator == "reinforce"
-    values = score(policy, rollout.tokens, rollout.input_mask, rollout.response_length)[1] \
-        if needs_values else None
-    reference_logprobs = None
-    if self.reference is not None:
-      reference_logprobs, _ = score(self.reference, rollout.tokens, rollout.input_mask,
-                                    rollout.response_length)
-      kl = (rollout.sampling_logprobs - reference_logprobs) * rollout.response_mask
-      reward_out["kl_to_reference"] = kl.sum(axis=-1)
-      if self.kl_reward_coefficient > 0:
-        reward_out["task_reward"] = rewards
-        rewards = np.asarray(losses.kl_penalized_rewards(
-            rewards, rollout.sampling_logprobs, reference_logprobs, rollout.response_mask,
-            self.kl_reward_coefficient))
-    batch = sequence_batch(rollout, rewards, estimator=self.estimator, values=values,
-                           reference_logprobs=reference_logprobs)
-    for name, value in reward_out.items():
-      batch[f"metric/{name}"] = np.asarray(value, np.float32)
-    self.last_rollout = rollout
-    return batch
-
-  def get_state(self) -> dict:
-    return {"examples": self.examples.get_state(), "count": self.count}
-
-  def set_state(self, state: dict) -> None:
-    self.examples.set_state(state["examples"])
-    self.count = int(state["count"])
