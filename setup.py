@@ -8,6 +8,9 @@ setup(
     description="JAX/Flax research codebase for personalizing LLMs: cache coprocessor, User-LLM, "
                 "RLPF, CURIO, MiLP on a shared frozen decoder.",
     packages=find_packages(include=["persona_jax", "persona_jax.*"]),
+    # The gin configs ship inside the package (the repository's gin/ is a link to persona_jax/gin), so
+    # `--gin_file=gin/coprocessor.gin` works from an installed wheel too.
+    package_data={"persona_jax": ["gin/*.gin", "gin/models/*.gin"]},
     license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
@@ -31,6 +34,7 @@ setup(
         "jinja2>=3.1",  # chat templates (persona_jax.hf.apply_chat_template)
         "rouge-score>=0.1.2",  # ROUGE-L / ROUGE-Lsum metrics (User-LLM, MiLP)
         "optuna>=3.6",  # MiLP's Bayesian layout search (GP sampler)
+        "qwix>=0.1.8",  # int8 weight-only decoding (persona_jax.nn.quantization)
     ],
     extras_require={
         # Parity and round-trip tests compare against the PyTorch reference implementations.

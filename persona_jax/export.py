@@ -97,7 +97,7 @@ def copy_peft_adapters(workdir: pathlib.Path, output_dir: pathlib.Path) -> dict[
   for entry in sorted(p for p in source.iterdir() if p.is_dir()):
     configs = sorted(entry.glob("adapter_config.json")) or sorted(entry.glob("*/adapter_config.json"))
     if not configs:
-      raise ValueError(f"{entry}: no adapter_config.json in it or its subdirectories, so it holds no PEFT "
+      raise UserError(f"{entry}: no adapter_config.json in it or its subdirectories, so it holds no PEFT "
                        "adapter; remove it or write adapters with persona_jax.hf.peft.save_peft_adapters.")
     shutil.copytree(entry, output_dir / PEFT_DIR / entry.name)
     copied[f"{PEFT_DIR}/{entry.name}"] = (f"{len(configs)} PEFT LoRA adapter(s) for the exported base "

@@ -177,7 +177,6 @@ def main(argv):
   except USER_ERROR_TYPES as error:
     if FLAGS.traceback:
       raise
-    logging.error("%s", error)
     print(f"error: {type(error).__name__}: {error}\n(run with --traceback for the full traceback)",
           file=sys.stderr, flush=True)
     sys.exit(1)

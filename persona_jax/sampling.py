@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persona_jax.errors import UserError
 from persona_jax.nn.attention import cache_mask, init_cache, positions_from_mask
 from persona_jax.nn.decoder import Decoder
 from persona_jax.nn.quantization import convert_decoder_weights
@@ -122,14 +123,16 @@ def sample_tokens(logits: jax.Array, rng: jax.Array | None, *, greedy: bool,
 
 # Compiled programs ----------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill_program(graphdef, params, tokens, mask, side_inputs, *, max_len: int) -> PrefillState:
+def _prefill_program(graphdef, params, tokens, mask, side_inputs, embeddings=None, *,
+                     max_len: int) -> PrefillState:
   decoder = nnx.merge(graphdef, params)
-  batch, prompt_len = tokens.shape
+  batch, prompt_len = mask.shape
   cache = init_cache(decoder.config, batch, max_len)
   positions = positions_from_mask(mask)
   key_valid = jnp.zeros((batch, max_len), bool).at[:, :prompt_len].set(mask)
-  out = decoder(tokens, positions=positions, attention_mask=cache_mask(key_valid, prompt_len, 0),
-                cache=cache, side_inputs=side_inputs, return_logits=False)
+  out = decoder(tokens if embeddings is None else None, embeddings=embeddings, positions=positions,
+                attention_mask=cache_mask(key_valid, prompt_len, 0), cache=cache,
+                side_inputs=side_inputs, return_logits=False)
   # Left padding puts every row's last prompt token in the last slot: one logits row per sequence.
   logits = decoder.logits(out.hidden[:, -1])
   next_positions = jnp.sum(mask.astype(jnp.int32), axis=-1)
@@ -205,7 +208,7 @@ def _is_concrete(x) -> bool:
 
 
 def prefill(decoder: Decoder, prompt_tokens, prompt_mask, max_len: int, *,
-            side_inputs: dict | None = None) -> PrefillState:
+            side_inputs: dict | None = None, embeddings=None) -> PrefillState:
   """Runs left-padded prompts through the decoder into a fresh kv cache of `max_len` slots.
 
   Args:
@@ -215,21 +218,34 @@ def prefill(decoder: Decoder, prompt_tokens, prompt_mask, max_len: int, *,
       token (left padding) and hold at least one.
     max_len: cache slots; at least `prompt_len + max_new_tokens` (plus whatever a method appends).
     side_inputs: keyword arguments for `Block.after` modules a method installed.
+    embeddings: `[batch, prompt_len, embed]` input embeddings INSTEAD of `prompt_tokens` (pass
+      `prompt_tokens=None`), e.g. a soft prompt followed by embedded tokens; left-padded like
+      tokens (`prompt_mask` marks the real positions). The decoder treats them as it treats
+      `Decoder(embeddings=...)` (gemma's sqrt(d) scale applies). Decoding then continues on tokens.
   Returns:
     `PrefillState` with the cache filled up to `prompt_len`.
   """
-  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   prompt_mask = jnp.asarray(prompt_mask, bool)
+  if embeddings is not None:
+    if prompt_tokens is not None:
+      raise UserError("prefill: pass prompt_tokens=None with embeddings (one input, not both).")
+    embeddings = jnp.asarray(embeddings)
+    if embeddings.ndim != 3 or embeddings.shape[:2] != prompt_mask.shape:
+      raise UserError(f"prefill: embeddings {embeddings.shape} must be [batch, prompt_len, embed] "
+                       f"with prompt_mask {prompt_mask.shape} = [batch, prompt_len].")
+    prompt_tokens = jnp.zeros(prompt_mask.shape, jnp.int32)  # shape only; not read
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-    raise ValueError(f"prefill: prompt_tokens {prompt_tokens.shape} and prompt_mask "
+    raise UserError(f"prefill: prompt_tokens {prompt_tokens.shape} and prompt_mask "
                      f"{prompt_mask.shape} must both be [batch, prompt_len].")
   if max_len < prompt_tokens.shape[1]:
-    raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt ({prompt_tokens.shape[1]}).")
+    raise UserError(f"prefill: max_len={max_len} is shorter than the prompt ({prompt_tokens.shape[1]}).")
   if _is_concrete(prompt_mask) and not bool(jnp.all(prompt_mask[:, -1])):
-    raise ValueError("prefill: prompt_mask must be left-padded (every row's last entry True, i.e. a "
+    raise UserError("prefill: prompt_mask must be left-padded (every row's last entry True, i.e. a "
                      "non-empty prompt ending in the last column); build it with `pad_prompts`.")
   graphdef, params = nnx.split(decoder)
-  return _prefill_program(graphdef, params, prompt_tokens, prompt_mask, side_inputs, max_len=max_len)
+  return _prefill_program(graphdef, params, prompt_tokens, prompt_mask, side_inputs, embeddings,
+                          max_len=max_len)
 
 
 def decode(decoder: Decoder, state: PrefillState, *, max_new_tokens: int, rng: jax.Array | None = None,
@@ -253,20 +269,20 @@ def decode(decoder: Decoder, state: PrefillState, *, max_new_tokens: int, rng: j
     donate: donate `state` to the compiled loop (no copy of the cache).
   """
   if max_new_tokens < 1:
-    raise ValueError(f"decode: max_new_tokens must be >= 1, got {max_new_tokens}.")
+    raise UserError(f"decode: max_new_tokens must be >= 1, got {max_new_tokens}.")
   if temperature < 0:
-    raise ValueError(f"decode: temperature must be >= 0 (0 = greedy), got {temperature}.")
+    raise UserError(f"decode: temperature must be >= 0 (0 = greedy), got {temperature}.")
   if top_k is not None and top_k < 1:
-    raise ValueError(f"decode: top_k must be >= 1 or None, got {top_k}.")
+    raise UserError(f"decode: top_k must be >= 1 or None, got {top_k}.")
   if top_p is not None and not 0.0 < top_p <= 1.0:
-    raise ValueError(f"decode: top_p must be in (0, 1] or None, got {top_p}.")
+    raise UserError(f"decode: top_p must be in (0, 1] or None, got {top_p}.")
   greedy = temperature == 0
   if not greedy and rng is None:
-    raise ValueError("decode: sampling with temperature > 0 needs an explicit `rng` key "
+    raise UserError("decode: sampling with temperature > 0 needs an explicit `rng` key "
                      "(e.g. jax.random.key(0)).")
   length = state.cache[0]["length"]
   if _is_concrete(length) and int(length) + max_new_tokens > state.max_len:
-    raise ValueError(
+    raise UserError(
         f"decode: the cache has {state.max_len} slots, {int(length)} filled; {max_new_tokens} new "
         f"tokens need {int(length) + max_new_tokens}. Prefill with a larger max_len.")
   config = decoder.config
@@ -291,7 +307,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
   compilations).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("pad_prompts: every prompt needs at least one token (got an empty prompt list "
+    raise UserError("pad_prompts: every prompt needs at least one token (got an empty prompt list "
                      "or an empty prompt).")
   prompt_len = round_up(max(len(p) for p in prompts), length_multiple)
   tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
@@ -382,7 +398,7 @@ def generate_in_batches(decoder: Decoder, prompts: Sequence[Sequence[int]], *, m
   longest = max(len(p) for p in prompts)
   width = prompt_length if prompt_length is not None else round_up(longest, 16)
   if longest > width:
-    raise ValueError(f"generate_in_batches: a prompt has {longest} tokens, more than prompt_length="
+    raise UserError(f"generate_in_batches: a prompt has {longest} tokens, more than prompt_length="
                      f"{width}.")
   token_ids, stopped = [], []
   for batch_index, start in enumerate(range(0, len(prompts), batch_size)):

@@ -285,47 +285,30 @@ def test_gpu_rejects_a_mesh_that_does_not_divide_the_gpus():
 
 
 MODEL_FILES = sorted((REPO_ROOT / "gin" / "models").glob("*.gin"))
-DECODER_SOURCE_PARAMETERS = ("pretrained", "model", "vocabulary")
-
-
-def _rooms_with_decoder_source():
-  """{room: [parameters]} for every room whose build_job takes a decoder source."""
-  import importlib
-  import inspect
-
-  from persona_jax import main as main_lib
-
-  rooms = {}
-  for module in main_lib.JOB_MODULES:
-    if module.endswith(".train") and module.count(".") == 2 and main_lib._module_exists(module):
-      build_job = getattr(importlib.import_module(module), "build_job", None)
-      if build_job is not None:
-        parameters = inspect.signature(build_job).parameters
-        rooms[module.split(".")[1]] = [p for p in DECODER_SOURCE_PARAMETERS if p in parameters]
-  return rooms
 
 
 @pytest.mark.parametrize("model_file", MODEL_FILES, ids=lambda p: p.stem)
-def test_model_files_bind_every_room_after_its_job_file(model_file):
+def test_model_files_set_the_one_decoder_source_after_any_job_file(model_file):
+  """A model file is a few lines naming a model; every method reads it through DecoderSource."""
+  import inspect
+
   from persona_jax import main as main_lib
+  from persona_jax.hf.source import DecoderSource
+  from persona_jax.train import method as method_lib
 
   text = model_file.read_text()
-  rooms = _rooms_with_decoder_source()
-  assert "coprocessor" in rooms
-  for room, parameters in rooms.items():
-    for parameter in parameters:
-      assert f"\n{room}.job.{parameter} = " in text, (
-          f"{model_file.name}: add `{room}.job.{parameter} = ...` (its build_job takes it)")
-  main_lib.import_job_modules()
+  expected = {line.split(" = ")[0].split(".")[-1]: eval(line.split(" = ")[1])  # noqa: S307
+              for line in text.splitlines() if line.startswith("DecoderSource.")}
+  assert set(expected) == {"pretrained", "preset", "vocabulary"}
+  assert all(line.startswith(("#", "DecoderSource.")) or not line.strip() for line in text.splitlines())
+  names = main_lib.import_job_modules()
+  for name in names:  # no method takes a decoder source of its own
+    parameters = inspect.signature(method_lib.get_method(name).__init__).parameters
+    assert not {"pretrained", "model", "vocabulary"} & set(parameters), name
   for job_file in sorted((REPO_ROOT / "gin").glob("*.gin")):
-    room = job_file.stem.removesuffix("_smoke")
-    if room not in rooms:
-      continue
     try:
       main_lib.parse_gin([str(job_file), str(model_file)], [])
-      bound = {p: gin.query_parameter(f"{room}.job.{p}") for p in rooms[room]}
+      source = DecoderSource()
     finally:
       gin.clear_config()
-    expected = {line.split(" = ")[0].split(".")[-1]: eval(line.split(" = ")[1])  # noqa: S307
-                for line in text.splitlines() if line.startswith(f"{room}.job.")}
-    assert bound == expected, (job_file.name, model_file.name)
+    assert {k: getattr(source, k) for k in expected} == expected, (job_file.name, model_file.name)

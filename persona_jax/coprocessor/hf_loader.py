@@ -26,9 +26,13 @@ import json
 import math
 import pathlib
 
-import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+try:
+  import torch
+  from safetensors.torch import load_file
+  from transformers import AutoModelForCausalLM
+except ImportError as error:  # the export's torch side; persona_jax itself never imports this module
+  raise ImportError(f"coprocessor_loader needs PyTorch and transformers ({error}): "
+                    "pip install torch transformers safetensors") from error
 
 
 class CoprocessorAugmenter:

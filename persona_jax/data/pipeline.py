@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from persona_jax.errors import UserError
 from persona_jax.data.tasks import DEFAULT_SHUFFLE_BUFFER_SIZE
 
 STATE_FORMAT = "persona_jax.data.DataIterator/1"
@@ -80,22 +81,22 @@ class DataConfig:
 
   def __post_init__(self):
     if self.sequence_length < 1 or self.batch_size < 1:
-      raise ValueError(f"sequence_length ({self.sequence_length}) and batch_size ({self.batch_size}) "
+      raise UserError(f"sequence_length ({self.sequence_length}) and batch_size ({self.batch_size}) "
                        "must be positive.")
     if not 0 <= self.shard_index < self.num_shards:
-      raise ValueError(f"shard_index {self.shard_index} is outside [0, num_shards={self.num_shards}): "
+      raise UserError(f"shard_index {self.shard_index} is outside [0, num_shards={self.num_shards}): "
                        "pass shard_index=jax.process_index(), num_shards=jax.process_count().")
     if self.num_batches is not None and self.num_batches < 0:
-      raise ValueError(f"num_batches must be None or >= 0, got {self.num_batches}.")
+      raise UserError(f"num_batches must be None or >= 0, got {self.num_batches}.")
     if self.num_epochs is not None and self.num_epochs < 1:
-      raise ValueError(f"num_epochs must be None (forever) or >= 1, got {self.num_epochs}.")
+      raise UserError(f"num_epochs must be None (forever) or >= 1, got {self.num_epochs}.")
 
 
 def _provider(name: str) -> seqio.Task | seqio.Mixture:
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError as error:
-    raise ValueError(f"SeqIO task or mixture {name!r} is not registered in this process: register it "
+    raise UserError(f"SeqIO task or mixture {name!r} is not registered in this process: register it "
                      "first (e.g. persona_jax.data.lm_task(dataset, vocabulary)) and pass the name it "
                      "returns.") from error
 
@@ -115,7 +116,7 @@ def build_dataset(config: DataConfig, batches_consumed: int = 0) -> tf.data.Data
   """
   provider = _provider(config.task)
   if config.split not in provider.splits:
-    raise ValueError(f"Split {config.split!r} is not in task {config.task!r}; its splits are "
+    raise UserError(f"Split {config.split!r} is not in task {config.task!r}; its splits are "
                      f"{list(provider.splits)}.")
   lengths = {"targets": config.sequence_length}
   if isinstance(provider, seqio.Task):
@@ -211,7 +212,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     if saved != mine:
       differences = {f.name: (getattr(saved, f.name), getattr(mine, f.name))
                      for f in dataclasses.fields(DataConfig) if getattr(saved, f.name) != getattr(mine, f.name)}
-      raise ValueError(f"Data iterator state does not match this iterator (field: (saved, now)): "
+      raise UserError(f"Data iterator state does not match this iterator (field: (saved, now)): "
                        f"{differences}. Restore with the same data settings, or start a new run.")
     self._batches_consumed = int(state["batches_consumed"])
     self._iterator = None
@@ -227,7 +228,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
 
 def _config_from_state(state: Mapping[str, Any]) -> DataConfig:
   if state.get("format") != STATE_FORMAT:
-    raise ValueError(f"Not a data iterator state (format {state.get('format')!r}, expected "
+    raise UserError(f"Not a data iterator state (format {state.get('format')!r}, expected "
                      f"{STATE_FORMAT!r}): pass the dict returned by DataIterator.get_state().")
   return DataConfig(**{f.name: state[f.name] for f in dataclasses.fields(DataConfig) if f.name in state})
 

@@ -41,6 +41,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from persona_jax.data.vocabularies import VocabularySource, get_vocabulary, vocabulary_name, _sanitize
+from persona_jax.errors import MissingFileError, UserError
 
 DEFAULT_LINES_PER_DOCUMENT = 64
 # Large enough to shuffle every chunk of tiny_shakespeare / WikiText-2 in one buffer.
@@ -81,7 +82,7 @@ def split_into_documents(text: str, lines_per_document: int = DEFAULT_LINES_PER_
     The documents, in order ([] for empty text).
   """
   if lines_per_document < 1:
-    raise ValueError(f"lines_per_document must be >= 1, got {lines_per_document}.")
+    raise UserError(f"lines_per_document must be >= 1, got {lines_per_document}.")
   documents: list[str] = []
   current: list[str] = []
   has_content = previous_blank = False
@@ -172,7 +173,7 @@ def ensure_tfds_prepared(tfds_name: str, data_dir: str | None = None, allow_down
         where = f"data dir {os.environ['TFDS_DATA_DIR']} (TFDS_DATA_DIR)"
       else:
         where = "TFDS's default data dir (TFDS_DATA_DIR is not set)"
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"TFDS dataset {tfds_name!r} is not prepared in {where}: {builder.data_dir} holds no prepared "
           f"copy. Fix: set TFDS_DATA_DIR (before TensorFlow Datasets is imported) or "
           f"pass tfds_data_dir= to a data dir where it is prepared (e.g. ../shared/tfds), or allow the "
@@ -212,7 +213,7 @@ def _read_text_files(split: str, shuffle_files: bool, seed: int | None = None, *
 def _expand_paths(paths_by_split: PathsBySplit) -> dict[str, tuple[str, ...]]:
   """Split -> absolute file paths (globs expanded, sorted); one clear error for a missing file."""
   if not paths_by_split:
-    raise ValueError("paths_by_split is empty: give at least one split, e.g. {'validation': 'a.txt'}.")
+    raise UserError("paths_by_split is empty: give at least one split, e.g. {'validation': 'a.txt'}.")
   files_by_split = {}
   for split, paths in paths_by_split.items():
     if isinstance(paths, (str, os.PathLike)):
@@ -222,7 +223,7 @@ def _expand_paths(paths_by_split: PathsBySplit) -> dict[str, tuple[str, ...]]:
       pattern = os.path.abspath(os.fspath(pattern))
       matches = sorted(tf.io.gfile.glob(pattern))
       if not matches:
-        raise FileNotFoundError(f"Text file {pattern!r} (split {split!r}) does not exist: give the path "
+        raise MissingFileError(f"Text file {pattern!r} (split {split!r}) does not exist: give the path "
                                 "of an existing .txt file (or a glob that matches some).")
       files.extend(matches)
     for file in files:
@@ -239,7 +240,7 @@ def check_utf8_text_file(path: str) -> None:
       try:
         raw.decode("utf-8")
       except UnicodeDecodeError as error:
-        raise ValueError(f"{path}:{line_number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+        raise UserError(f"{path}:{line_number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
                          f"{error.start + 1}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t "
                          "utf-8) or remove that line.") from None
 
@@ -257,13 +258,65 @@ def _register_task(name: str, fingerprint: str, build: Any) -> str:
     if name in seqio.TaskRegistry.names():
       existing = getattr(seqio.TaskRegistry.get(name), _FINGERPRINT_ATTRIBUTE, None)
       if existing != fingerprint:
-        raise ValueError(f"SeqIO task {name!r} is already registered with other settings "
+        raise UserError(f"SeqIO task {name!r} is already registered with other settings "
                          f"({existing}) than now ({fingerprint}): choose another task name.")
       return name
     task = build()
     setattr(task, _FINGERPRINT_ATTRIBUTE, fingerprint)
     seqio.TaskRegistry.add_provider(name, task)
     return name
+
+
+def register_in_memory_task(prefix: str, rows_by_split: Mapping[str, Sequence[Mapping[str, Any]]],
+                            signature: Mapping[str, tf.TensorSpec], *,
+                            output_features: Mapping[str, seqio.Feature] | None = None,
+                            preprocessors: Sequence[Any] = (), fingerprint: str | None = None,
+                            shuffle_buffer_size: int | None = 10_000) -> str:
+  """Registers a SeqIO task over rows held in memory; returns its name `<prefix>.<content hash>`.
+
+  The one in-memory registration of the code base (method rooms build their examples in Python and
+  register them here). The name carries a hash of the rows (or of `fingerprint` when given), so the
+  same rows always give the same task and other rows a new one: under the core's fingerprint rule
+  a name is never re-registered with other contents, and nothing is ever replaced under a reader.
+
+  Args:
+    prefix: e.g. "rlpf.movielens_future_movie".
+    rows_by_split: {split: [row, ...]}, each row {feature: value} matching `signature`.
+    signature: {feature: tf.TensorSpec} of one row.
+    output_features / preprocessors: the SeqIO task's (e.g. a tokenized "prompt" feature and
+      `seqio.preprocessors.tokenize`).
+    fingerprint: what identifies the rows (default: a hash of their JSON form).
+  """
+  if fingerprint is None:
+    fingerprint = json.dumps({split: list(rows) for split, rows in rows_by_split.items()},
+                             sort_keys=True, default=_json_default)
+  digest = hashlib.sha1(fingerprint.encode()).hexdigest()[:12]
+  name = f"{prefix}.{digest}"
+  rows = {str(split): list(split_rows) for split, split_rows in rows_by_split.items()}
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one in-memory "file"; the task shuffles examples
+    split_rows = rows[split]
+    return tf.data.Dataset.from_generator(lambda: iter(split_rows), output_signature=dict(signature))
+
+  def build():
+    source = seqio.FunctionDataSource(dataset_fn, splits=tuple(rows),
+                                      num_input_examples={s: len(r) for s, r in rows.items()})
+    return seqio.Task(name, source=source, output_features=dict(output_features or {}),
+                      preprocessors=list(preprocessors), shuffle_buffer_size=shuffle_buffer_size)
+
+  return _register_task(name, digest, build)
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (np.integer, np.floating)):
+    return value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "replace")
+  raise TypeError(f"register_in_memory_task: cannot fingerprint a {type(value).__name__}; pass "
+                  "fingerprint= explicitly.")
 
 
 def _lm_preprocessors(lines_per_document: int, concatenate_documents: bool, text_feature: str) -> list[Any]:
@@ -397,7 +450,7 @@ def lm_task(dataset: str | os.PathLike | PathsBySplit, vocabulary: VocabularySou
   if isinstance(dataset, (str, os.PathLike)):
     path = os.fspath(dataset)
     if not (os.path.exists(path) or tf.io.gfile.glob(path)):
-      raise ValueError(f"Dataset {path!r} is neither a known TFDS text data set "
+      raise UserError(f"Dataset {path!r} is neither a known TFDS text data set "
                        f"{sorted(TFDS_TEXT_DATASETS)} nor an existing text file: fix the name or the path.")
     paths_by_split: PathsBySplit = {"validation": path}
   elif isinstance(dataset, Mapping):

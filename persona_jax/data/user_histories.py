@@ -45,6 +45,7 @@ import pathlib
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from persona_jax.errors import MissingFileError, UserError
 
 SPLITS = ("train", "validation", "test")
 MOVIELENS_CONFIGS = ("latest-small", "1m", "20m", "25m", "100k")
@@ -99,7 +100,7 @@ class UserHistory:
   def last(self, num_items: int) -> UserHistory:
     """The same user with only the `num_items` most recent context interactions (heldout kept)."""
     if num_items < 0:
-      raise ValueError(f"UserHistory.last: num_items must be >= 0, got {num_items}.")
+      raise UserError(f"UserHistory.last: num_items must be >= 0, got {num_items}.")
     kept = self.interactions[len(self.interactions) - num_items:] if num_items else ()
     return dataclasses.replace(self, interactions=tuple(kept))
 
@@ -114,7 +115,7 @@ def user_split(user_id: str, validation_fraction: float, test_fraction: float, s
   with probability `test_fraction` and in validation with `validation_fraction`.
   """
   if validation_fraction < 0 or test_fraction < 0 or validation_fraction + test_fraction >= 1:
-    raise ValueError(f"user_split: need validation_fraction, test_fraction >= 0 with sum < 1, got "
+    raise UserError(f"user_split: need validation_fraction, test_fraction >= 0 with sum < 1, got "
                      f"{validation_fraction} and {test_fraction}.")
   digest = hashlib.sha256(f"{seed}:{user_id}".encode()).digest()
   unit = int.from_bytes(digest[:8], "big") / 2**64
@@ -135,10 +136,10 @@ def split_by_time(user_id: str, interactions: Sequence[Interaction], heldout_ite
       `min_interactions`.
   """
   if heldout_items < 1:
-    raise ValueError(f"heldout_items must be >= 1, got {heldout_items}.")
+    raise UserError(f"heldout_items must be >= 1, got {heldout_items}.")
   ordered = sorted(interactions, key=lambda item: (item.timestamp, item.item_id))
   if len(ordered) <= heldout_items:
-    raise ValueError(f"user {user_id!r} has {len(ordered)} interactions, not more than heldout_items="
+    raise UserError(f"user {user_id!r} has {len(ordered)} interactions, not more than heldout_items="
                      f"{heldout_items}: the time split would leave no context. Fix: lower "
                      f"heldout_items or pass min_interactions={heldout_items + 1} to drop such users "
                      f"(the loader reports how many it dropped).")
@@ -150,7 +151,7 @@ def split_by_time(user_id: str, interactions: Sequence[Interaction], heldout_ite
 # ------------------------------------------------------------------------------------------------
 def _check_movielens_config(config: str) -> None:
   if config not in MOVIELENS_CONFIGS:
-    raise ValueError(f"MovieLens config {config!r} is not one of {MOVIELENS_CONFIGS} (TFDS "
+    raise UserError(f"MovieLens config {config!r} is not one of {MOVIELENS_CONFIGS} (TFDS "
                      f"'movielens/<config>-ratings').")
 
 
@@ -190,7 +191,7 @@ def _text(value: bytes | str, where: str = "") -> str:
   try:
     return value.decode("utf-8")
   except UnicodeDecodeError as error:
-    raise ValueError(f"{where or 'a TFDS row'}: not UTF-8 (byte {value[error.start]:#04x} at offset "
+    raise UserError(f"{where or 'a TFDS row'}: not UTF-8 (byte {value[error.start]:#04x} at offset "
                      f"{error.start} of {value[:60]!r}); re-encode the data set as UTF-8.") from None
 
 
@@ -210,7 +211,7 @@ def _movielens_interactions(config: str, data_dir: str | None, allow_download: b
     user = _text(columns["user_id"][row], where)
     rating = float(columns["user_rating"][row])
     if not MOVIELENS_RATING_RANGE[0] <= rating <= MOVIELENS_RATING_RANGE[1]:
-      raise ValueError(f"{where}: rating {rating:g} of user {user!r} is outside "
+      raise UserError(f"{where}: rating {rating:g} of user {user!r} is outside "
                        f"{MOVIELENS_RATING_RANGE[0]:g}..{MOVIELENS_RATING_RANGE[1]:g}; ratings are never clamped.")
     by_user.setdefault(user, []).append(Interaction(
         item_id=_text(columns["movie_id"][row], where), rating=rating,
@@ -310,31 +311,31 @@ AMAZON_RATING_RANGE = (1.0, 5.0)  # stars
 def _identifier(value: object, field: str, where: str) -> str:
   """A non-empty string id (null, numbers, blanks refused: null used to become the string 'None')."""
   if not isinstance(value, str) or not value.strip():
-    raise ValueError(f"{where}: field {field!r} must be a non-empty string id, got {value!r}.")
+    raise UserError(f"{where}: field {field!r} must be a non-empty string id, got {value!r}.")
   return value
 
 
 def _review(review: object, where: str) -> Interaction:
   """One review dict -> Interaction; raises ValueError naming `where` (file:line and field)."""
   if not isinstance(review, dict):
-    raise ValueError(f"{where}: a review must be a JSON object, got {type(review).__name__}.")
+    raise UserError(f"{where}: a review must be a JSON object, got {type(review).__name__}.")
   missing = [key for key in ("parent_asin", "rating", "timestamp_ms", "product") if key not in review]
   if missing:
-    raise ValueError(f"{where}: review is missing field(s) {missing}; each review needs parent_asin, "
+    raise UserError(f"{where}: review is missing field(s) {missing}; each review needs parent_asin, "
                      f"rating, timestamp_ms, product.title (see the data set's README.md).")
   product = review["product"]
   if not isinstance(product, dict) or not isinstance(product.get("title"), (str, type(None))):
-    raise ValueError(f"{where}: review field 'product' must be an object whose 'title' is a string or "
+    raise UserError(f"{where}: review field 'product' must be an object whose 'title' is a string or "
                      f"null.")
   rating = review["rating"]
   if isinstance(rating, bool) or not isinstance(rating, (int, float)):
-    raise ValueError(f"{where}: review field 'rating' must be a number, got {rating!r}.")
+    raise UserError(f"{where}: review field 'rating' must be a number, got {rating!r}.")
   if not AMAZON_RATING_RANGE[0] <= rating <= AMAZON_RATING_RANGE[1]:
-    raise ValueError(f"{where}: review field 'rating' is {rating!r}, outside {AMAZON_RATING_RANGE[0]:g}.."
+    raise UserError(f"{where}: review field 'rating' is {rating!r}, outside {AMAZON_RATING_RANGE[0]:g}.."
                      f"{AMAZON_RATING_RANGE[1]:g} stars (ratings are never clamped).")
   timestamp = review["timestamp_ms"]
   if isinstance(timestamp, bool) or not isinstance(timestamp, int):
-    raise ValueError(f"{where}: review field 'timestamp_ms' must be an integer, got {timestamp!r}.")
+    raise UserError(f"{where}: review field 'timestamp_ms' must be an integer, got {timestamp!r}.")
   item_id = _identifier(review["parent_asin"], "parent_asin", where)
   category = product.get("main_category")
   return Interaction(
@@ -361,10 +362,10 @@ def read_amazon_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error") -> 
     ValueError: bad rows (with on_bad_row="error"); the message starts "<file>:<line>: ...".
   """
   if on_bad_row not in ("error", "skip"):
-    raise ValueError(f"read_amazon_jsonl: on_bad_row must be 'error' or 'skip', got {on_bad_row!r}.")
+    raise UserError(f"read_amazon_jsonl: on_bad_row must be 'error' or 'skip', got {on_bad_row!r}.")
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"Amazon user histories file {path} not found (expected one of "
+    raise MissingFileError(f"Amazon user histories file {path} not found (expected one of "
                             f"{sorted(AMAZON_FILES.values())} in ../shared/data/amazon/"
                             f"amazon2023_user_histories).")
   users = []
@@ -388,7 +389,7 @@ def read_amazon_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error") -> 
         user = _amazon_row(line, where)
         key = (user.user_id, user.domain)
         if key in first_line_of:
-          raise ValueError(f"{where}: user {user.user_id!r} already has a row for category "
+          raise UserError(f"{where}: user {user.user_id!r} already has a row for category "
                            f"{user.domain!r} at line {first_line_of[key]}; each (user, category) must "
                            "appear once.")
       except ValueError as error:
@@ -400,7 +401,7 @@ def read_amazon_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error") -> 
     listed = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more." if len(bad) > 20 else "")
     if on_bad_row == "error":
       more = f"\n({len(bad)} bad rows of {num_rows} in {path}:\n{listed})" if len(bad) > 1 else ""
-      raise ValueError(bad[0] + more)
+      raise UserError(bad[0] + more)
     print(f"user_histories: skipped {len(bad)} bad row(s) of {num_rows} in {path} "
           f"(on_bad_row='skip'):\n{listed}", flush=True)
   return users
@@ -411,18 +412,18 @@ def _amazon_row(line: str, where: str) -> UserHistory:
   try:
     row = json.loads(line)
   except json.JSONDecodeError as error:
-    raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); fix or remove "
+    raise UserError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); fix or remove "
                      f"that line.") from None
   if not isinstance(row, dict):
-    raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}.")
+    raise UserError(f"{where}: a row must be a JSON object, got {type(row).__name__}.")
   missing = [key for key in ("user_id", "category", "history", "heldout") if key not in row]
   if missing:
-    raise ValueError(f"{where}: row is missing field(s) {missing} (each row needs user_id, category, "
+    raise UserError(f"{where}: row is missing field(s) {missing} (each row needs user_id, category, "
                      f"history, heldout).")
   user_id = _identifier(row["user_id"], "user_id", where)
   category = _identifier(row["category"], "category", where)
   if not isinstance(row["history"], list):
-    raise ValueError(f"{where}: field 'history' must be a list of reviews.")
+    raise UserError(f"{where}: field 'history' must be a list of reviews.")
   history = [_review(review, f"{where} (history[{index}])") for index, review in enumerate(row["history"])]
   heldout = _review(row["heldout"], f"{where} (heldout)")
   history.sort(key=lambda item: item.timestamp)
@@ -446,7 +447,7 @@ def load_amazon_histories(directory: str | os.PathLike | None = None) -> dict[st
     for user in users:
       key = (user.user_id, user.domain)
       if key in seen:
-        raise ValueError(f"{directory / AMAZON_FILES[split]}: user {user.user_id!r} of category "
+        raise UserError(f"{directory / AMAZON_FILES[split]}: user {user.user_id!r} of category "
                          f"{user.domain!r} is also in {AMAZON_FILES[seen[key]]}; a (user, category) in "
                          "two splits leaks held-out data.")
       seen[key] = split
@@ -471,13 +472,13 @@ class ItemVocabulary:
 
   def __init__(self, ids: Iterable[str], unknown: str = "map"):
     if unknown not in ("map", "error"):
-      raise ValueError(f"ItemVocabulary: unknown must be 'map' or 'error', got {unknown!r}.")
+      raise UserError(f"ItemVocabulary: unknown must be 'map' or 'error', got {unknown!r}.")
     self.unknown = unknown
     self._ids = [self.PAD, self.UNKNOWN]
     self._index: dict[str, int] = {}
     for item in ids:
       if item in (self.PAD, self.UNKNOWN):
-        raise ValueError(f"ItemVocabulary: {item!r} is reserved.")
+        raise UserError(f"ItemVocabulary: {item!r} is reserved.")
       if item not in self._index:
         self._index[item] = len(self._ids)
         self._ids.append(item)
@@ -493,7 +494,7 @@ class ItemVocabulary:
     Ids seen fewer than `min_count` times are left out (they encode as unknown).
     """
     if field not in ("item_id", "categories"):
-      raise ValueError(f"ItemVocabulary.from_histories: field must be 'item_id' or 'categories', got "
+      raise UserError(f"ItemVocabulary.from_histories: field must be 'item_id' or 'categories', got "
                        f"{field!r}.")
     counts: dict[str, int] = {}
     for history in histories:
@@ -523,7 +524,7 @@ class ItemVocabulary:
     if index is not None:
       return index
     if self.unknown == "error":
-      raise ValueError(f"item id {item!r} is not in the vocabulary ({len(self._index)} known ids). Fix: "
+      raise UserError(f"item id {item!r} is not in the vocabulary ({len(self._index)} known ids). Fix: "
                        f"build the vocabulary with unknown='map' to encode it as the unknown id "
                        f"{self.UNKNOWN_ID}, or add it to the vocabulary.")
     return self.UNKNOWN_ID
@@ -570,9 +571,9 @@ def render_history_text(history: UserHistory | Sequence[Interaction], *, max_ite
   known = ("title", "categories", "rating", "review_title", "review_text")
   unknown_fields = [name for name in fields if name not in known]
   if unknown_fields:
-    raise ValueError(f"render_history_text: unknown field(s) {unknown_fields}; choose from {known}.")
+    raise UserError(f"render_history_text: unknown field(s) {unknown_fields}; choose from {known}.")
   if max_items is not None and max_items < 1:
-    raise ValueError(f"render_history_text: max_items must be >= 1 or None, got {max_items}.")
+    raise UserError(f"render_history_text: max_items must be >= 1 or None, got {max_items}.")
   if not interactions:
     return empty_text
   lines = []

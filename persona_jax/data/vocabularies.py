@@ -19,7 +19,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 import tokenizers
-from persona_jax.errors import MissingFileError
+from persona_jax.errors import MissingFileError, UserError
 
 # End-of-sequence candidates tried in order when none is given. `<|endoftext|>` comes before
 # `<|im_end|>` but is skipped when it is id 0 (SmolLM2), since id 0 is padding to SeqIO.
@@ -100,7 +100,7 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
             loaded, _, special_tokens = loaded
             self._special_tokens = dict(special_tokens or {})
           if not isinstance(loaded, tokenizers.Tokenizer):
-            raise ValueError(f"Model source {self._model_source!r} has no Hugging Face tokenizer "
+            raise UserError(f"Model source {self._model_source!r} has no Hugging Face tokenizer "
                              "(no tokenizer.json / GGUF tokenizer metadata): pass a tokenizer.json path.")
           self._tokenizer = loaded
     return self._tokenizer
@@ -130,17 +130,17 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
       token_id = tokenizer.token_to_id(candidate)
       if token_id is not None and token_id != self.pad_id:
         return candidate
-    raise ValueError(f"Tokenizer {self.name!r} has none of the end-of-sequence tokens "
+    raise UserError(f"Tokenizer {self.name!r} has none of the end-of-sequence tokens "
                      f"{EOS_TOKEN_CANDIDATES} at an id other than 0: pass eos_token=... explicitly.")
 
   @property
   def eos_id(self) -> int:
     token_id = self.tokenizer.token_to_id(self.eos_token)
     if token_id is None:
-      raise ValueError(f"eos_token {self.eos_token!r} is not in the vocabulary of tokenizer "
+      raise UserError(f"eos_token {self.eos_token!r} is not in the vocabulary of tokenizer "
                        f"{self.name!r}: pass an eos_token that the tokenizer knows.")
     if token_id == self.pad_id:
-      raise ValueError(f"eos_token {self.eos_token!r} has id 0, which SeqIO reserves for padding "
+      raise UserError(f"eos_token {self.eos_token!r} has id 0, which SeqIO reserves for padding "
                        "(its loss weight would be 0): choose another eos_token.")
     return token_id
 
@@ -194,7 +194,7 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
       values.set_shape([None])
       lengths.set_shape(s.shape)
       return tf.RaggedTensor.from_row_lengths(values, lengths)
-    raise ValueError(f"HFTokenizerVocabulary.encode_tf takes a scalar or a vector of strings, got "
+    raise UserError(f"HFTokenizerVocabulary.encode_tf takes a scalar or a vector of strings, got "
                      f"rank {s.shape.rank}: reshape to [-1] first.")
 
   def _decode_numpy(self, ids: np.ndarray) -> np.ndarray:
@@ -253,7 +253,7 @@ def vocabulary_name(vocabulary: seqio.Vocabulary) -> str:
   name = getattr(vocabulary, "name", None)
   if isinstance(name, str) and name:
     return _sanitize(name)
-  raise ValueError(f"Vocabulary {vocabulary!r} has no stable name for task names: use "
+  raise UserError(f"Vocabulary {vocabulary!r} has no stable name for task names: use "
                    "HFTokenizerVocabulary / 'bytes', or give the vocabulary a `name` attribute.")
 
 
@@ -286,7 +286,7 @@ def get_vocabulary(source: VocabularySource, *, eos_token: str | None = None) ->
     if key not in _VOCABULARY_CACHE:
       if key[0] == "bytes":
         if eos_token is not None:
-          raise ValueError("The 'bytes' vocabulary has a fixed EOS (id 1): do not pass eos_token.")
+          raise UserError("The 'bytes' vocabulary has a fixed EOS (id 1): do not pass eos_token.")
         _VOCABULARY_CACHE[key] = seqio.ByteVocabulary()
       else:
         _VOCABULARY_CACHE[key] = HFTokenizerVocabulary(key[0], eos_token=eos_token)

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persona_jax.errors import UserError
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 GenerateFn = Callable[[list[list[int]], int, tuple[int, ...], float], list[list[int]]]
 
@@ -82,9 +84,9 @@ class DecoderLM:
                logits_fn: LogitsFn | None = None, generate_fn: GenerateFn | None = None,
                pad_id: int = 0):
     if decoder is None and (logits_fn is None or generate_fn is None):
-      raise ValueError("DecoderLM needs a decoder, or both logits_fn and generate_fn.")
+      raise UserError("DecoderLM needs a decoder, or both logits_fn and generate_fn.")
     if batch_size < 1:
-      raise ValueError(f"DecoderLM: batch_size={batch_size} must be >= 1.")
+      raise UserError(f"DecoderLM: batch_size={batch_size} must be >= 1.")
     if isinstance(vocabulary, str) or not hasattr(vocabulary, "encode"):
       from persona_jax.data import get_vocabulary  # pylint: disable=g-import-not-at-top
       vocabulary = get_vocabulary(vocabulary)
@@ -101,7 +103,7 @@ class DecoderLM:
     if prefix_token_id is None:
       prefix_token_id = getattr(vocabulary, "eos_id", None)
     if prefix_token_id is None:
-      raise ValueError("DecoderLM: pass prefix_token_id (the vocabulary and the decoder config "
+      raise UserError("DecoderLM: pass prefix_token_id (the vocabulary and the decoder config "
                        "have no BOS/EOS token to condition an empty context on).")
     self.prefix_token_id = int(prefix_token_id)
     self._logits_fn = logits_fn or self._decoder_logits_fn(decoder)
@@ -158,11 +160,11 @@ class DecoderLM:
     for context, continuation in pairs:
       context, continuation = list(context), list(continuation)
       if not continuation:
-        raise ValueError("DecoderLM: an empty continuation has no likelihood to score.")
+        raise UserError("DecoderLM: an empty continuation has no likelihood to score.")
       if not context:
         context = [self.prefix_token_id]
       if len(continuation) > self.max_length:
-        raise ValueError(f"DecoderLM: a continuation of {len(continuation)} tokens does not fit "
+        raise UserError(f"DecoderLM: a continuation of {len(continuation)} tokens does not fit "
                          f"max_length={self.max_length}.")
       whole = (context + continuation)[-(self.max_length + 1):]
       rows.append((whole[:-1], whole[1:], len(continuation)))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persona_jax.errors import UserError
 from persona_jax.evaluation.distributed import sum_across_processes
 
 
@@ -39,5 +40,5 @@ def mean_loss_metrics(model: nnx.Module, loss_fn: Callable, batches: Iterable[di
   totals = sum_across_processes({"sums": np.asarray([sums[n] for n in names], np.float64),
                                  "count": np.asarray(count, np.float64)})
   if float(totals["count"]) == 0:
-    raise ValueError("Evaluation got no batches: the eval data source is empty.")
+    raise UserError("Evaluation got no batches: the eval data source is empty.")
   return {name: float(value) / float(totals["count"]) for name, value in zip(names, totals["sums"])}

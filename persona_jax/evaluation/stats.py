@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from persona_jax.errors import UserError
+
 DEFAULT_RESAMPLES = 2000
 
 
@@ -47,9 +49,9 @@ class Estimate:
 def _as_array(values: Sequence[float], name: str) -> np.ndarray:
   array = np.asarray(values, dtype=np.float64).reshape(-1)
   if array.size == 0:
-    raise ValueError(f"{name}: no values to estimate from.")
+    raise UserError(f"{name}: no values to estimate from.")
   if not np.all(np.isfinite(array)):
-    raise ValueError(f"{name}: {int(np.sum(~np.isfinite(array)))} non-finite values.")
+    raise UserError(f"{name}: {int(np.sum(~np.isfinite(array)))} non-finite values.")
   return array
 
 
@@ -80,7 +82,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, confidence: flo
   """
   first, second = _as_array(a, "paired_difference a"), _as_array(b, "paired_difference b")
   if first.shape != second.shape:
-    raise ValueError(f"paired_difference: {first.size} vs {second.size} values; a paired comparison "
+    raise UserError(f"paired_difference: {first.size} vs {second.size} values; a paired comparison "
                      "needs both systems scored on the same examples.")
   differences = first - second
   estimate = mean_ci(differences, confidence=confidence, resamples=resamples, seed=seed)
@@ -110,7 +112,7 @@ def relative_perplexity_change(nll_a: Sequence[float], nll_b: Sequence[float], *
   paired-bootstrap CI (the same resampled tokens for both) and the sign-flip p-value."""
   first, second = _as_array(nll_a, "nll_a"), _as_array(nll_b, "nll_b")
   if first.shape != second.shape:
-    raise ValueError("relative_perplexity_change: both systems must be scored on the same tokens.")
+    raise UserError("relative_perplexity_change: both systems must be scored on the same tokens.")
   differences = first - second
   means = bootstrap_means(differences, resamples, seed)
   alpha = (1.0 - confidence) / 2
@@ -128,7 +130,7 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 def t_quantile_95(degrees_of_freedom: int) -> float:
   if degrees_of_freedom < 1:
-    raise ValueError("t_quantile_95: need at least 2 seeds for an interval.")
+    raise UserError("t_quantile_95: need at least 2 seeds for an interval.")
   known = [d for d in _T95 if d <= degrees_of_freedom]
   return _T95[max(known)] if degrees_of_freedom <= 29 else 1.96
 
@@ -150,7 +152,7 @@ def pooled_over_seeds(per_seed_values: Sequence[Sequence[float]], *, confidence:
   examples within each drawn seed), so both the seed-to-seed and the example noise count."""
   runs = [_as_array(v, "pooled_over_seeds") for v in per_seed_values]
   if not runs:
-    raise ValueError("pooled_over_seeds: no seeds.")
+    raise UserError("pooled_over_seeds: no seeds.")
   rng = np.random.default_rng(seed)
   means = np.empty(resamples)
   for r in range(resamples):

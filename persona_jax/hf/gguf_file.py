@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from persona_jax.errors import UserError
 from persona_jax.nn.config import DecoderConfig
 
 INSTALL_GGUF = "pip install gguf"
@@ -36,11 +37,11 @@ class GGUFFile:
     try:
       self.reader = gguf.GGUFReader(str(path))
     except Exception as error:  # the reader fails with reshape/index errors on a cut-off file
-      raise ValueError(f"{path}: not a complete GGUF file ({type(error).__name__}: {error}); the file "
+      raise UserError(f"{path}: not a complete GGUF file ({type(error).__name__}: {error}); the file "
                        "is truncated or corrupt: download it again.") from None
     end = max((t.data_offset + t.n_bytes for t in self.reader.tensors), default=0)
     if end > size:
-      raise ValueError(f"{path}: truncated GGUF file ({size} bytes, its tensors need {end}); download it "
+      raise UserError(f"{path}: truncated GGUF file ({size} bytes, its tensors need {end}); download it "
                        "again.")
     self.metadata: dict[str, Any] = {}
     for key, field in self.reader.fields.items():
@@ -67,16 +68,16 @@ class GGUFFile:
     meta = self.metadata
     architecture = meta.get("general.architecture")
     if architecture != "llama":
-      raise ValueError(f"{self.path}: GGUF architecture {architecture!r} is not supported; only 'llama' "
+      raise UserError(f"{self.path}: GGUF architecture {architecture!r} is not supported; only 'llama' "
                        "(Llama, SmolLM2) GGUF files can be loaded. Load the Hugging Face checkpoint instead.")
     if "rope_freqs.weight" in self.tensors or meta.get("llama.rope.scaling.type", "none") not in ("none",):
-      raise ValueError(f"{self.path}: rope-scaled GGUF files (rope_freqs / llama.rope.scaling) are not "
+      raise UserError(f"{self.path}: rope-scaled GGUF files (rope_freqs / llama.rope.scaling) are not "
                        "supported; load the Hugging Face checkpoint (config.json rope_scaling) instead.")
     required = ("llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
                 "llama.attention.head_count")
     missing = [key for key in required if key not in meta]
     if missing:
-      raise ValueError(f"{self.path}: GGUF metadata lacks {missing}; cannot build the decoder config.")
+      raise UserError(f"{self.path}: GGUF metadata lacks {missing}; cannot build the decoder config.")
     num_heads = int(meta["llama.attention.head_count"])
     embed_dim = int(meta["llama.embedding_length"])
     vocab_size = meta.get("llama.vocab_size")

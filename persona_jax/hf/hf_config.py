@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from persona_jax.errors import UserError
 from persona_jax.hf.mapping import ARCHITECTURES, FAMILIES, MODEL_TYPES, Family
 from persona_jax.nn.config import DecoderConfig
 
@@ -31,7 +32,7 @@ def family_of(hf_config: dict, where: str) -> Family:
   if not architectures and hf_config.get("model_type") in MODEL_TYPES:
     return MODEL_TYPES[hf_config["model_type"]]
   found = architectures or hf_config.get("model_type")
-  raise ValueError(f"{where}: architecture {found!r} is not supported; supported: {SUPPORTED}.")
+  raise UserError(f"{where}: architecture {found!r} is not supported; supported: {SUPPORTED}.")
 
 
 def _rope(hf_config: dict, where: str) -> tuple[float, dict | None]:
@@ -51,7 +52,7 @@ def _rope(hf_config: dict, where: str) -> tuple[float, dict | None]:
     if scaling.get("rope_type", "default") == "default":
       scaling = None
     elif scaling["rope_type"] != "llama3":
-      raise ValueError(f"{where}: rope scaling type {scaling['rope_type']!r} is not supported; only "
+      raise UserError(f"{where}: rope scaling type {scaling['rope_type']!r} is not supported; only "
                        "'llama3' (or none) is. Use a checkpoint without it or add it to persona_jax.nn.layers.")
     else:
       scaling = {k: scaling[k] for k in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
@@ -64,7 +65,7 @@ def from_hf_config(hf_config: dict, where: str, dtype: str = "float32") -> Decod
   family = family_of(hf_config, where)
   missing = [key for key in _REQUIRED if key not in hf_config]
   if missing:
-    raise ValueError(f"{where}: missing required key(s) {missing} for {family.architecture}.")
+    raise UserError(f"{where}: missing required key(s) {missing} for {family.architecture}.")
   # An explicit null means None (no pad token, no soft-cap), as transformers reads it.
   values = {**_HF_DEFAULTS[family.name], **hf_config}
   if values.get("num_key_value_heads") is None:
@@ -74,11 +75,11 @@ def from_hf_config(hf_config: dict, where: str, dtype: str = "float32") -> Decod
 
   activation = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or family.activation
   if activation != family.activation:
-    raise ValueError(f"{where}: activation {activation!r} is not supported for {family.architecture}; "
+    raise UserError(f"{where}: activation {activation!r} is not supported for {family.architecture}; "
                      f"the decoder implements {family.activation!r}.")
   for flag in ("attention_bias", "mlp_bias"):
     if hf_config.get(flag):
-      raise ValueError(f"{where}: {flag}=true is not supported (the decoder's projections have no bias).")
+      raise UserError(f"{where}: {flag}=true is not supported (the decoder's projections have no bias).")
 
   fields: dict[str, Any] = {ours: values.get(key) for key, ours in family.fields}
   fields["rope_theta"], fields["rope_scaling"] = _rope(hf_config, where)
@@ -87,7 +88,7 @@ def from_hf_config(hf_config: dict, where: str, dtype: str = "float32") -> Decod
     expected = ["sliding_attention" if fields["sliding_window"] is not None and i % 2 == 0
                 else "full_attention" for i in range(values["num_hidden_layers"])]
     if layer_types is not None and list(layer_types) != expected:
-      raise ValueError(f"{where}: layer_types {layer_types} is not supported; the decoder alternates "
+      raise UserError(f"{where}: layer_types {layer_types} is not supported; the decoder alternates "
                        f"sliding (even) and full (odd) layers: {expected}.")
   return DecoderConfig(family=family.name, dtype=dtype, param_dtype=dtype, **fields)
 

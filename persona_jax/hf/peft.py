@@ -32,7 +32,7 @@ import numpy as np
 from persona_jax.hf.staging import checked_output_dir, staged_directory
 from persona_jax.nn.decoder import Decoder
 from persona_jax.nn.lora import get_projection, inject_lora, lora_sites
-from persona_jax.errors import MissingFileError
+from persona_jax.errors import MissingFileError, UserError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -107,16 +107,16 @@ def save_peft_adapters(decoder: Decoder, out_dir: str | os.PathLike, names: Sequ
   for layer, proj, name, adapter in lora_sites(decoder):
     by_name.setdefault(name, []).append((layer, proj, adapter))
   if not by_name:
-    raise ValueError("save_peft_adapters: the decoder has no LoRA adapters; add them with "
+    raise UserError("save_peft_adapters: the decoder has no LoRA adapters; add them with "
                      "persona_jax.nn.inject_lora before exporting.")
   names = sorted(by_name) if names is None else list(names)
   unknown = [n for n in names if n not in by_name]
   if unknown:
-    raise ValueError(f"save_peft_adapters: adapter(s) {unknown} are not on the decoder; it has "
+    raise UserError(f"save_peft_adapters: adapter(s) {unknown} are not on the decoder; it has "
                      f"{sorted(by_name)}.")
   bad = [n for n in names if not n or "/" in n or n.startswith(".")]
   if bad:
-    raise ValueError(f"save_peft_adapters: adapter name(s) {bad} cannot be directory names; rename them.")
+    raise UserError(f"save_peft_adapters: adapter name(s) {bad} cannot be directory names; rename them.")
   out_dir = checked_output_dir(out_dir, overwrite)
   with staged_directory(out_dir) as staging:
     for name in names:
@@ -157,17 +157,17 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
   try:
     config = json.loads(config_path.read_text())
   except json.JSONDecodeError as error:
-    raise ValueError(f"{config_path}: invalid JSON ({error}).") from None
+    raise UserError(f"{config_path}: invalid JSON ({error}).") from None
   if config.get("peft_type") != "LORA":
-    raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' "
+    raise UserError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' "
                      "adapters map onto the decoder's LoRA.")
   unsupported = {"use_dora": True, "fan_in_fan_out": True}
   for field, value in unsupported.items():
     if config.get(field) == value:
-      raise ValueError(f"{config_path}: {field}={value} is not supported by persona_jax.nn's LoRA; export "
+      raise UserError(f"{config_path}: {field}={value} is not supported by persona_jax.nn's LoRA; export "
                        f"the adapter with {field}={not value}.")
   if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-    raise ValueError(f"{config_path}: bias={config.get('bias')!r} / modules_to_save="
+    raise UserError(f"{config_path}: bias={config.get('bias')!r} / modules_to_save="
                      f"{config.get('modules_to_save')!r} train weights outside LoRA, which the decoder's "
                      "adapters cannot hold; use bias='none' and no modules_to_save.")
   if not weights_path.is_file():
@@ -175,7 +175,7 @@ def _read_adapter(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]
   try:
     tensors = load_file(str(weights_path))
   except Exception as error:  # SafetensorError: truncated or corrupt
-    raise ValueError(f"{weights_path}: not a complete safetensors file ({error}).") from None
+    raise UserError(f"{weights_path}: not a complete safetensors file ({error}).") from None
   return config, tensors
 
 
@@ -188,7 +188,7 @@ def _parse_key(key: str, where: pathlib.Path) -> tuple[int, str, str]:
     proj = _FROM_HF[".".join(parts[5:-2])]
     side = {"lora_A": "A", "lora_B": "B"}[parts[-2]]
   except (AssertionError, ValueError, KeyError, IndexError):
-    raise ValueError(f"{where}: tensor {key!r} is not a LoRA weight of a decoder projection (expected "
+    raise UserError(f"{where}: tensor {key!r} is not a LoRA weight of a decoder projection (expected "
                      "'base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>.weight').") from None
   return layer, proj, side
 
@@ -209,7 +209,7 @@ def load_peft_adapters(decoder: Decoder, directory: str | os.PathLike,
   names = sorted(found) if names is None else list(names)
   unknown = [n for n in names if n not in found]
   if unknown:
-    raise ValueError(f"{directory}: adapter(s) {unknown} not found; it has {sorted(found)}.")
+    raise UserError(f"{directory}: adapter(s) {unknown} not found; it has {sorted(found)}.")
   for name in names:
     where = found[name]
     config, tensors = _read_adapter(where)
@@ -220,16 +220,16 @@ def load_peft_adapters(decoder: Decoder, directory: str | os.PathLike,
     num_layers = decoder.config.num_layers
     for (layer, proj), pair in sorted(pairs.items()):
       if set(pair) != {"A", "B"}:
-        raise ValueError(f"{where / WEIGHTS_FILE}: {module_name(layer, proj)} has lora_{list(pair)[0]} but "
+        raise UserError(f"{where / WEIGHTS_FILE}: {module_name(layer, proj)} has lora_{list(pair)[0]} but "
                          "not its other half; the adapter file is incomplete.")
       if not 0 <= layer < num_layers:
-        raise ValueError(f"{where / WEIGHTS_FILE}: {module_name(layer, proj)} names layer {layer}, but the "
+        raise UserError(f"{where / WEIGHTS_FILE}: {module_name(layer, proj)} names layer {layer}, but the "
                          f"decoder has layers 0..{num_layers - 1}; load it onto the model it was trained on.")
       a, b = pair["A"].T, pair["B"].T  # [in, r], [r, out]
       linear = get_projection(decoder, layer, proj)
       rank = a.shape[1]
       if a.shape[0] != linear.in_features or b.shape != (rank, linear.out_features):
-        raise ValueError(f"{where / WEIGHTS_FILE}: {module_name(layer, proj)} lora_A {pair['A'].shape} / "
+        raise UserError(f"{where / WEIGHTS_FILE}: {module_name(layer, proj)} lora_A {pair['A'].shape} / "
                          f"lora_B {pair['B'].shape} do not fit the projection [{linear.out_features}, "
                          f"{linear.in_features}]; load it onto the model it was trained on.")
       lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, module_name(layer, proj),
@@ -262,7 +262,7 @@ def peft_model(base_model, directory: str | os.PathLike, names: Sequence[str] | 
   names = sorted(found) if names is None else list(names)
   unknown = [n for n in names if n not in found]
   if unknown:
-    raise ValueError(f"{directory}: adapter(s) {unknown} not found; it has {sorted(found)}.")
+    raise UserError(f"{directory}: adapter(s) {unknown} not found; it has {sorted(found)}.")
   model = PeftModel.from_pretrained(base_model, str(found[names[0]]), adapter_name=names[0])
   for name in names[1:]:
     model.load_adapter(str(found[name]), adapter_name=name)

@@ -38,7 +38,7 @@ from persona_jax.hf.tokenizer import (read_tokenizer_dir, special_tokens_from_gg
 from persona_jax.nn.config import DecoderConfig, get_config
 from persona_jax.nn.decoder import Decoder, build_decoder
 from persona_jax.nn.lora import lora_sites
-from persona_jax.errors import MissingFileError
+from persona_jax.errors import MissingFileError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
   path = pathlib.Path(text).expanduser()
   if path.is_file():
     if path.suffix != ".gguf":
-      raise ValueError(f"{path}: a file source must be a .gguf file; for a Hugging Face checkpoint pass "
+      raise UserError(f"{path}: a file source must be a .gguf file; for a Hugging Face checkpoint pass "
                        "its directory (with config.json).")
     return "gguf", path
   if path.is_dir():
@@ -140,7 +140,7 @@ def _read_config_json(directory: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: invalid JSON ({error}).") from None
+    raise UserError(f"{path}: invalid JSON ({error}).") from None
 
 
 def _safetensors_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -151,7 +151,7 @@ def _safetensors_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     try:
       weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError) as error:
-      raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {error}.") from None
+      raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {error}.") from None
     files = {name: directory / filename for name, filename in weight_map.items()}
     for shard in sorted(set(files.values())):
       if not shard.is_file():
@@ -168,7 +168,7 @@ def _open_safetensors(path: pathlib.Path):
   try:
     return safe_open(str(path), framework="flax")
   except Exception as error:  # SafetensorError: header too short, buffer incomplete, bad JSON
-    raise ValueError(f"{path}: not a complete safetensors file ({error}); the file is truncated or "
+    raise UserError(f"{path}: not a complete safetensors file ({error}); the file is truncated or "
                      "corrupt: download or save it again.") from None
 
 
@@ -187,7 +187,7 @@ def _checked_source(tensor, what: str, allow_cast: bool):
   dtype = jnp.dtype(tensor.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     if not allow_cast:
-      raise ValueError(f"{what} has dtype {dtype.name} but a float weight is expected; the file was "
+      raise UserError(f"{what} has dtype {dtype.name} but a float weight is expected; the file was "
                        "exported wrongly (or holds quantized data). Fix: re-export it, or pass "
                        "allow_cast=True to load_pretrained to cast it to float32 explicitly.")
     logging.warning("%s has dtype %s; cast to float32 (allow_cast=True).", what, dtype.name)
@@ -195,7 +195,7 @@ def _checked_source(tensor, what: str, allow_cast: bool):
   finite = jnp.isfinite(jnp.asarray(tensor))
   if not bool(finite.all()):
     bad = int(finite.size - finite.sum())
-    raise ValueError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {finite.size}; the checkpoint "
+    raise UserError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {finite.size}; the checkpoint "
                      "is corrupt or was saved after training diverged: use another checkpoint.")
   return tensor
 
@@ -212,12 +212,12 @@ def _load_hf_weights(directory: pathlib.Path, config: DecoderConfig,
   ignorable |= {name for name in files if name.endswith("rotary_emb.inv_freq")}  # old Llama buffers
   unexpected = sorted(set(files) - expected - ignorable)
   if unexpected:
-    raise ValueError(f"{directory}: unexpected tensor(s) for {family.architecture} with this config.json: "
+    raise UserError(f"{directory}: unexpected tensor(s) for {family.architecture} with this config.json: "
                      f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. The checkpoint does not "
                      "match its config (check tie_word_embeddings / num_hidden_layers).")
   missing = sorted(expected - set(files))
   if missing:
-    raise ValueError(f"{directory}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+    raise UserError(f"{directory}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                      f"required by {family.architecture} with this config.json; the checkpoint is "
                      "incomplete or does not match its config.")
   abstract = _abstract_params(config)
@@ -231,7 +231,7 @@ def _load_hf_weights(directory: pathlib.Path, config: DecoderConfig,
         try:
           tensor = handle.get_tensor(name)
         except Exception as error:  # data region cut off after a valid header
-          raise ValueError(f"{file}: tensor {name!r} cannot be read ({error}); the file is truncated or "
+          raise UserError(f"{file}: tensor {name!r} cannot be read ({error}); the file is truncated or "
                            "corrupt: download or save it again.") from None
         tensor = _checked_source(tensor, f"{file}: tensor {name!r}", allow_cast)
         params[path] = _checked(transform.load(tensor, config), abstract[path], f"{file}: tensor {name!r}",
@@ -246,11 +246,11 @@ def _load_gguf_weights(gguf: GGUFFile, config: DecoderConfig,
   expected = {name for name, _, _ in entries}
   missing = sorted(expected - set(gguf.tensors))
   if missing:
-    raise ValueError(f"{gguf.path}: missing tensor(s) {missing[:8]} for a llama model of "
+    raise UserError(f"{gguf.path}: missing tensor(s) {missing[:8]} for a llama model of "
                      f"{config.num_layers} layers; the GGUF file is incomplete.")
   unexpected = sorted(set(gguf.tensors) - expected)
   if unexpected:
-    raise ValueError(f"{gguf.path}: unexpected tensor(s) {unexpected[:8]}; this GGUF is not a plain llama "
+    raise UserError(f"{gguf.path}: unexpected tensor(s) {unexpected[:8]}; this GGUF is not a plain llama "
                      "model the decoder can represent.")
   abstract = _abstract_params(config)
   params = {}
@@ -279,7 +279,7 @@ def _abstract_params(config: DecoderConfig) -> dict[tuple, jax.ShapeDtypeStruct]
 
 def _checked(value, want: jax.ShapeDtypeStruct, what: str, transform) -> jax.Array:
   if tuple(value.shape) != tuple(want.shape):
-    raise ValueError(f"{what} has shape {tuple(value.shape)} after '{transform.name}', but the config needs "
+    raise UserError(f"{what} has shape {tuple(value.shape)} after '{transform.name}', but the config needs "
                      f"{tuple(want.shape)}; the weights do not match config.json (wrong file or edited "
                      "config).")
   return jnp.asarray(value, dtype=want.dtype)
@@ -291,7 +291,7 @@ def _build_decoder(config: DecoderConfig, params: dict[tuple, jax.Array]) -> Dec
   flat = []
   for path, variable in abstract_flat:
     if path not in params:
-      raise ValueError(f"Internal: decoder parameter {'.'.join(map(str, path))} has no mapping-table row.")
+      raise UserError(f"Internal: decoder parameter {'.'.join(map(str, path))} has no mapping-table row.")
     flat.append((path, variable.replace(params[path])))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -355,7 +355,7 @@ def load_job_decoder(job: str, pretrained: str | os.PathLike | None = None, mode
   `job` names the gin prefix in the error, e.g. "coprocessor.job".
   """
   if (pretrained is None) == (model is None):
-    raise ValueError(f"{job}: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct', a Hugging "
+    raise UserError(f"{job}: set exactly one of `pretrained` (e.g. 'smollm2-135m-instruct', a Hugging "
                      "Face dir or a .gguf file) or `model` (a random preset such as 'tiny_llama').")
   if pretrained is not None:
     loaded = load_pretrained(pretrained, dtype, with_tokenizer=with_tokenizer)
@@ -394,13 +394,13 @@ def _check_exportable(decoder: Decoder):
   sites = lora_sites(decoder)
   if sites:
     shown = [f"layer {layer} {proj} '{name}'" for layer, proj, name, _ in sites[:4]]
-    raise ValueError(f"save_pretrained: the decoder has {len(sites)} LoRA adapter(s) ({', '.join(shown)}"
+    raise UserError(f"save_pretrained: the decoder has {len(sites)} LoRA adapter(s) ({', '.join(shown)}"
                      f"{', ...' if len(sites) > 4 else ''}) that Hugging Face's architecture cannot hold. "
                      "Fold them into the weights first with `persona_jax.nn.merge_lora(decoder)` (on "
                      "`nnx.clone(decoder)` to keep the adapters).")
   extras = [i for i, layer in enumerate(decoder.layers) if layer.after is not None]
   if extras:
-    raise ValueError(f"save_pretrained: layers {extras} have a method module in `Block.after`, which "
+    raise UserError(f"save_pretrained: layers {extras} have a method module in `Block.after`, which "
                      "Hugging Face's architecture cannot hold; export the base decoder without it.")
 
 

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from persona_jax.errors import UserError
+
 # llama.cpp token types (gguf.TokenType).
 _CONTROL = 3
 _USER_DEFINED = 4
@@ -48,15 +50,15 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any], where: str) -> Tokeni
   """
   model = metadata.get("tokenizer.ggml.model")
   if model != "gpt2":
-    raise ValueError(f"{where}: tokenizer.ggml.model={model!r} is not supported; only byte-level BPE "
+    raise UserError(f"{where}: tokenizer.ggml.model={model!r} is not supported; only byte-level BPE "
                      "('gpt2', as SmolLM2 and Llama 3 use) can be rebuilt from GGUF metadata.")
   pre = metadata.get("tokenizer.ggml.pre", "gpt2")
   if pre not in GGUF_PRE_TOKENIZERS:
-    raise ValueError(f"{where}: tokenizer.ggml.pre={pre!r} is not supported; supported: "
+    raise UserError(f"{where}: tokenizer.ggml.pre={pre!r} is not supported; supported: "
                      f"{sorted(GGUF_PRE_TOKENIZERS)}. Load the model's tokenizer.json instead.")
   for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
     if key not in metadata:
-      raise ValueError(f"{where}: GGUF metadata lacks {key!r}; the tokenizer cannot be rebuilt.")
+      raise UserError(f"{where}: GGUF metadata lacks {key!r}; the tokenizer cannot be rebuilt.")
   tokens = list(metadata["tokenizer.ggml.tokens"])
   vocab = {token: index for index, token in enumerate(tokens)}
   merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
@@ -113,7 +115,7 @@ def read_tokenizer_dir(directory: pathlib.Path) -> tuple[Tokenizer | None, str |
     try:
       tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
-      raise ValueError(f"{tokenizer_file}: not a valid tokenizers JSON file ({error}); "
+      raise UserError(f"{tokenizer_file}: not a valid tokenizers JSON file ({error}); "
                        "re-save it with `tokenizer.save(path)`.") from None
   config: dict[str, Any] = {}
   config_file = directory / "tokenizer_config.json"
@@ -121,7 +123,7 @@ def read_tokenizer_dir(directory: pathlib.Path) -> tuple[Tokenizer | None, str |
     try:
       config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
-      raise ValueError(f"{config_file}: invalid JSON ({error}).") from None
+      raise UserError(f"{config_file}: invalid JSON ({error}).") from None
   template = config.get("chat_template")
   jinja_file = directory / "chat_template.jinja"
   if jinja_file.is_file():
@@ -162,7 +164,7 @@ def apply_chat_template(chat_template: str, messages: Sequence[dict[str, Any]],
   from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
 
   if not chat_template:
-    raise ValueError("apply_chat_template: no chat template; this model's tokenizer files carry none.")
+    raise UserError("apply_chat_template: no chat template; this model's tokenizer files carry none.")
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)

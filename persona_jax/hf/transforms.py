@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from persona_jax.errors import UserError
 from persona_jax.nn.config import DecoderConfig
 
 Array = Any  # numpy.ndarray or jax.Array
@@ -19,7 +20,7 @@ Array = Any  # numpy.ndarray or jax.Array
 def transpose(weight):
   """`[out, in]` (PyTorch `nn.Linear.weight`, GGUF rows) <-> `[in, out]` (our `Linear.kernel`)."""
   if weight.ndim != 2:
-    raise ValueError(f"transpose expects a matrix, got shape {tuple(weight.shape)}.")
+    raise UserError(f"transpose expects a matrix, got shape {tuple(weight.shape)}.")
   return weight.T
 
 
@@ -32,7 +33,7 @@ def gguf_permute_rotary(weight, num_heads: int):
   """
   rows = weight.shape[0]
   if rows % (2 * num_heads):
-    raise ValueError(f"gguf_permute_rotary: {rows} rows do not split into {num_heads} heads of even width.")
+    raise UserError(f"gguf_permute_rotary: {rows} rows do not split into {num_heads} heads of even width.")
   half = rows // num_heads // 2
   return weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
@@ -41,7 +42,7 @@ def gguf_unpermute_rotary(weight, num_heads: int):
   """Inverse of `gguf_permute_rotary`: interleaved-pair rows (GGUF) -> half-rotation rows (HF)."""
   rows = weight.shape[0]
   if rows % (2 * num_heads):
-    raise ValueError(f"gguf_unpermute_rotary: {rows} rows do not split into {num_heads} heads of even width.")
+    raise UserError(f"gguf_unpermute_rotary: {rows} rows do not split into {num_heads} heads of even width.")
   half = rows // num_heads // 2
   return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 

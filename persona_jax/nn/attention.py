@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persona_jax.errors import UserError
 from persona_jax.nn.config import DecoderConfig
 from persona_jax.nn.layers import Linear, apply_rope, rope_frequencies
 
@@ -253,7 +254,7 @@ class Attention(nnx.Module):
       key_positions = positions
 
     if mask.shape != (batch, seq, k.shape[1]):
-      raise ValueError(
+      raise UserError(
           f"Attention mask has shape {mask.shape}; expected {(batch, seq, k.shape[1])} "
           "([batch, queries, keys]; keys = cache size when a cache is passed).")
     if self.sliding:

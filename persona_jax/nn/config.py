@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from persona_jax.errors import UserError
+
 FAMILIES = ("llama", "gemma", "gemma2")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "pallas")
 
@@ -80,18 +82,18 @@ class DecoderConfig:
 
   def __post_init__(self):
     if self.family not in FAMILIES:
-      raise ValueError(f"DecoderConfig.family={self.family!r} is not supported; use one of {FAMILIES}.")
+      raise UserError(f"DecoderConfig.family={self.family!r} is not supported; use one of {FAMILIES}.")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise UserError(
           f"DecoderConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
     if self.rope_scaling is not None and dict(self.rope_scaling).get("rope_type", "default") not in (
         "default", "llama3"):
-      raise ValueError(f"DecoderConfig.rope_scaling={self.rope_scaling!r}: only rope_type 'llama3' is supported.")
+      raise UserError(f"DecoderConfig.rope_scaling={self.rope_scaling!r}: only rope_type 'llama3' is supported.")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"DecoderConfig.attention_impl={self.attention_impl!r} is not supported; use one "
+      raise UserError(f"DecoderConfig.attention_impl={self.attention_impl!r} is not supported; use one "
                        f"of {ATTENTION_IMPLS}.")
     if self.remat_policy is not None and not hasattr(jax.checkpoint_policies, self.remat_policy):
-      raise ValueError(f"DecoderConfig.remat_policy={self.remat_policy!r} is not a "
+      raise UserError(f"DecoderConfig.remat_policy={self.remat_policy!r} is not a "
                        "jax.checkpoint_policies name (e.g. 'nothing_saveable', "
                        "'dots_with_no_batch_dims_saveable').")
     if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static argument)
@@ -184,5 +186,5 @@ PRESETS: dict[str, DecoderConfig] = {
 def get_config(name: str, **overrides) -> DecoderConfig:
   """A preset by name, with optional field overrides."""
   if name not in PRESETS:
-    raise ValueError(f"Unknown decoder preset {name!r}; known presets: {sorted(PRESETS)}.")
+    raise UserError(f"Unknown decoder preset {name!r}; known presets: {sorted(PRESETS)}.")
   return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

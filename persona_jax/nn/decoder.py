@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persona_jax.errors import UserError
 from persona_jax.nn.attention import Attention, causal_mask, cache_mask, segment_causal_mask
 from persona_jax.nn.config import DecoderConfig
 from persona_jax.nn.layers import GatedMLP, RMSNorm, logical_param
@@ -136,7 +137,7 @@ class Decoder(nnx.Module):
     """
     cfg = self.config
     if (tokens is None) == (embeddings is None):
-      raise ValueError("Decoder: pass exactly one of `tokens` or `embeddings`.")
+      raise UserError("Decoder: pass exactly one of `tokens` or `embeddings`.")
     x = self.embed(tokens) if embeddings is None else embeddings.astype(cfg.compute_dtype)
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.embed_dim ** 0.5, x.dtype)
@@ -145,7 +146,7 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     if segment_ids is not None and cache is not None:
-      raise ValueError("Decoder: segment_ids describe a forward without a cache; pass an "
+      raise UserError("Decoder: segment_ids describe a forward without a cache; pass an "
                        "attention_mask over the cache slots instead.")
     if attention_mask is None and segment_ids is not None:
       attention_mask = segment_causal_mask(segment_ids)

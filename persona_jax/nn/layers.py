@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persona_jax.errors import UserError
+
 
 def logical_param(value: jax.Array, axes: Sequence[str | None], kind=nnx.Param) -> nnx.Variable:
   """A variable annotated with logical axis names (no mesh is needed to create it)."""
@@ -85,7 +87,7 @@ class LoRA(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
                in_axis: str | None, out_axis: str | None, rngs: nnx.Rngs, param_dtype=jnp.float32):
     if rank <= 0:
-      raise ValueError(f"LoRA rank must be positive, got {rank}.")
+      raise UserError(f"LoRA rank must be positive, got {rank}.")
     self.rank = rank
     self.alpha = alpha
     init = jax.nn.initializers.he_uniform()
@@ -146,7 +148,7 @@ def activation_fn(name: str):
     return jax.nn.silu
   if name == "gelu_tanh":
     return lambda x: jax.nn.gelu(x, approximate=True)
-  raise ValueError(f"Unknown activation {name!r}; use 'silu' or 'gelu_tanh'.")
+  raise UserError(f"Unknown activation {name!r}; use 'silu' or 'gelu_tanh'.")
 
 
 class GatedMLP(nnx.Module):

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from persona_jax.errors import UserError
 from persona_jax.nn.decoder import Decoder
 from persona_jax.nn.layers import LoRA, Linear
 
@@ -30,7 +31,7 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 def get_projection(decoder: Decoder, layer: int, name: str) -> Linear:
   if name not in PROJECTIONS:
-    raise ValueError(f"Unknown projection {name!r}; choose from {sorted(PROJECTIONS)}.")
+    raise UserError(f"Unknown projection {name!r}; choose from {sorted(PROJECTIONS)}.")
   module = decoder.layers[layer]
   for attr in PROJECTIONS[name]:
     module = getattr(module, attr)
@@ -54,7 +55,7 @@ def inject_lora(decoder: Decoder, *, layers: Iterable[int] | None = None,
   layers = list(range(num_layers)) if layers is None else list(layers)
   bad = [l for l in layers if not 0 <= l < num_layers]
   if bad:
-    raise ValueError(f"LoRA layers {bad} do not exist: the decoder has layers 0..{num_layers - 1}.")
+    raise UserError(f"LoRA layers {bad} do not exist: the decoder has layers 0..{num_layers - 1}.")
   alpha = float(rank if alpha is None else alpha)
   rngs = nnx.Rngs(seed)
   placed = []
@@ -62,7 +63,7 @@ def inject_lora(decoder: Decoder, *, layers: Iterable[int] | None = None,
     for proj in projections:
       linear = get_projection(decoder, layer, proj)
       if name in linear.adapters:
-        raise ValueError(f"Layer {layer} {proj} already has an adapter named {name!r}.")
+        raise UserError(f"Layer {layer} {proj} already has an adapter named {name!r}.")
       linear.adapters[name] = LoRA(
           linear.in_features, linear.out_features, rank=rank, alpha=alpha, in_axis=linear.in_axis,
           out_axis=linear.out_axis, rngs=rngs, param_dtype=linear.kernel[...].dtype)

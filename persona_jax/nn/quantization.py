@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persona_jax.errors import UserError
 from persona_jax.nn.layers import Linear, logical_param
 
 DECODE_WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
@@ -85,12 +86,12 @@ def convert_decoder_weights(decoder, weight_format: str):
 weight shape), so a conversion is one pass over the weights.
   """
   if weight_format not in DECODE_WEIGHT_FORMATS:
-    raise ValueError(f"decode weights {weight_format!r} are not supported; use one of "
+    raise UserError(f"decode weights {weight_format!r} are not supported; use one of "
                      f"{DECODE_WEIGHT_FORMATS}.")
   if weight_format == "float32":
     return decoder
   if getattr(decoder, "embedding_scale", None) is not None or decoder.embedding[...].dtype != jnp.float32:
-    raise ValueError("convert_decoder_weights: the decoder's weights are already converted "
+    raise UserError("convert_decoder_weights: the decoder's weights are already converted "
                      f"({decoder.embedding[...].dtype}); convert the float32 original instead.")
   copy = nnx.clone(decoder)
   _convert_in_place(copy, weight_format)

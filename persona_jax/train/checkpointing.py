@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from persona_jax.errors import UserError
 from persona_jax.train import workdir as workdir_lib
 
 
@@ -45,7 +46,7 @@ def flatten(tree: Any) -> dict[str, Any]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     name = ".".join(_key_name(k) for k in path)
     if name in flat:
-      raise ValueError(f"Two leaves of the train state flatten to the same checkpoint key {name!r}.")
+      raise UserError(f"Two leaves of the train state flatten to the same checkpoint key {name!r}.")
     flat[name] = leaf
   return flat
 
@@ -56,7 +57,7 @@ def unflatten_like(template: Any, flat: dict[str, Any]) -> Any:
   names = [".".join(_key_name(k) for k in path) for path, _ in paths]
   missing = [n for n in names if n not in flat]
   if missing:
-    raise ValueError(f"Checkpoint lacks {len(missing)} entries of the train state, e.g. {missing[:3]}: "
+    raise UserError(f"Checkpoint lacks {len(missing)} entries of the train state, e.g. {missing[:3]}: "
                      "it was written by a different model or trainable filter.")
   return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
@@ -70,7 +71,7 @@ def abstract_like(tree: Any) -> Any:
 ITEM_NAMES = ("state", "data", "meta")
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError):
   """No checkpoint of the directory could be read (each one's problem is in the message)."""
 
 
@@ -109,7 +110,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-      raise ValueError(f"Checkpointer(max_to_keep={max_to_keep!r}): must be an integer >= 1 (0 would delete "
+      raise UserError(f"Checkpointer(max_to_keep={max_to_keep!r}): must be an integer >= 1 (0 would delete "
                        "every checkpoint it writes). Fix: TrainConfig.keep_checkpoints=3.")
     self.directory = workdir_lib.resolve(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -260,7 +261,7 @@ def restore_trainable(workdir: str, model, trainable, step: int | None = None) -
             partial_restore=True)))["state"]
     missing = [name for name in template if name not in restored]
     if missing:
-      raise ValueError(f"Checkpoint step {step} in {checkpointer.directory} lacks {len(missing)} "
+      raise UserError(f"Checkpoint step {step} in {checkpointer.directory} lacks {len(missing)} "
                        f"trained parameters, e.g. {missing[:3]}: it was written by another model or "
                        "trainable filter.")
     values = unflatten_like(params, {name[len("params."):]: value for name, value in restored.items()})

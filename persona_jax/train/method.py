@@ -194,7 +194,7 @@ def register_method(name: str):
 
   def decorate(cls):
     if name in _METHODS and _METHODS[name] is not cls:
-      raise ValueError(f"Two methods register the name {name!r}: {_METHODS[name]} and {cls}.")
+      raise UserError(f"Two methods register the name {name!r}: {_METHODS[name]} and {cls}.")
     cls.name = name
     _METHODS[name] = cls
     return cls

@@ -24,6 +24,8 @@ from absl import logging
 from clu.metric_writers import interface as clu_interface
 from clu.metric_writers import multi_writer
 
+from persona_jax.errors import UserError
+
 WRITERS = ("tensorboard", "wandb")
 
 
@@ -178,7 +180,7 @@ class MetricsWriter:
       writers = (writers,)
     unknown = [w for w in writers if w not in WRITERS]
     if unknown:
-      raise ValueError(f"TrainConfig.metrics_writers has unknown writer(s) {unknown}: choose from "
+      raise UserError(f"TrainConfig.metrics_writers has unknown writer(s) {unknown}: choose from "
                        f"{list(WRITERS)}, e.g. TrainConfig.metrics_writers = ('tensorboard', 'wandb').")
     self._writer = None
     if logdir is None or not writers:

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from persona_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Ordered: for each logical axis the candidate mesh axes are tried in order; the first that is not
@@ -62,7 +64,7 @@ def maybe_initialize_distributed() -> bool:
   if "PERSONA_JAX_COORDINATOR" in env:
     missing = [k for k in ("PERSONA_JAX_NUM_PROCESSES", "PERSONA_JAX_PROCESS_ID") if k not in env]
     if missing:
-      raise ValueError(f"PERSONA_JAX_COORDINATOR is set but {missing} are not: set all three "
+      raise UserError(f"PERSONA_JAX_COORDINATOR is set but {missing} are not: set all three "
                        "(coordinator host:port, number of processes, this process's id).")
     jax.distributed.initialize(coordinator_address=env["PERSONA_JAX_COORDINATOR"],
                                num_processes=int(env["PERSONA_JAX_NUM_PROCESSES"]),
@@ -88,14 +90,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"Mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}): at most one may be -1.")
+    raise UserError(f"Mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}): at most one may be -1.")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-    raise ValueError(f"Mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}) do not fit "
+    raise UserError(f"Mesh sizes (data={data}, fsdp={fsdp}, tensor={tensor}) do not fit "
                      f"{len(devices)} devices: their product must divide the device count.")
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"Mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) uses "
+    raise UserError(f"Mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) uses "
                      f"{math.prod(sizes)} devices but {len(devices)} are available; set one size to -1.")
   if devices == list(jax.devices()):
     # make_mesh orders devices for the physical topology (ICI rings on TPU).
@@ -120,7 +122,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
   Mesh axes of size 1 are dropped (sharding over them is a no-op).
   """
   if len(logical_axes) != len(shape):
-    raise ValueError(f"{name}: {len(logical_axes)} logical axes {tuple(logical_axes)} for an array of "
+    raise UserError(f"{name}: {len(logical_axes)} logical axes {tuple(logical_axes)} for an array of "
                      f"shape {tuple(shape)}.")
   used: set[str] = set()
   spec = []
@@ -190,7 +192,7 @@ def check_batch_divides(mesh: Mesh, batch_size: int,
   parallel = data_parallel_size(mesh, rules)
   if batch_size % parallel:
     shape = ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
-    raise ValueError(
+    raise UserError(
         f"{what} has {batch_size} rows, which do not split over the {parallel} data-parallel devices of "
         f"the mesh ({shape}); it would be replicated on every device instead. Fix: make the global "
         f"batch size a multiple of {parallel}, or change the mesh (TrainConfig.mesh_data / mesh_fsdp).")

@@ -33,6 +33,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from persona_jax.errors import UserError
 from persona_jax.train import partitioning
 from persona_jax.train.checkpointing import Checkpointer
 from persona_jax.train.metrics import MetricsWriter, ProgressLine, learning_rate_at
@@ -51,11 +52,11 @@ class DataIterator(Protocol):
   def set_state(self, state: dict) -> None: ...
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss or the gradient norm became NaN/Inf; the bad state was not saved."""
 
 
-class StuckTrainingError(FloatingPointError):
+class StuckTrainingError(UserError, FloatingPointError):
   """The gradient norm was exactly 0 for `TrainConfig.stop_after_zero_grad_steps` consecutive steps."""
 
 
@@ -182,7 +183,7 @@ class TrainConfig:
 def _validate_train_config(config: "TrainConfig") -> None:
   """Types and ranges of every TrainConfig field: one ValueError naming the field and the fix."""
   def fail(name: str, rule: str, example) -> None:
-    raise ValueError(f"TrainConfig.{name}={getattr(config, name)!r}: must be {rule}. Fix: e.g. "
+    raise UserError(f"TrainConfig.{name}={getattr(config, name)!r}: must be {rule}. Fix: e.g. "
                      f"--gin_bindings='TrainConfig.{name} = {example}'.")
 
   def is_int(value) -> bool:
@@ -325,7 +326,7 @@ class Trainer:
 
     graphdef, trainable_state, frozen_state = nnx.split(model, trainable, ...)
     if not jax.tree.leaves(trainable_state):
-      raise ValueError(f"The trainable filter {trainable!r} selects no parameters of "
+      raise UserError(f"The trainable filter {trainable!r} selects no parameters of "
                        f"{type(model).__name__}: nothing to train.")
     self.graphdef = graphdef
     self.trainable_filter = trainable
@@ -430,7 +431,7 @@ class Trainer:
     num_micro = self.config.num_microbatches
     for name, value in batch.items():
       if self._global_rows(np.shape(value)[0]) % num_micro:
-        raise ValueError(f"Batch feature {name!r} has {np.shape(value)[0]} rows, not a multiple of "
+        raise UserError(f"Batch feature {name!r} has {np.shape(value)[0]} rows, not a multiple of "
                          f"TrainConfig.num_microbatches={num_micro}.")
       partitioning.check_batch_divides(self.mesh, self._global_rows(np.shape(value)[0]), self.rules,
                                        what=f"The training batch (feature {name!r})")
@@ -494,7 +495,7 @@ class Trainer:
         sums[name] = sums.get(name, 0.0) + float(value)
       count += 1
     if count == 0:
-      raise ValueError("Evaluation got no batches: the eval data source is empty.")
+      raise UserError("Evaluation got no batches: the eval data source is empty.")
     return {name: value / count for name, value in sums.items()}
 
   def model(self) -> nnx.Module:
@@ -518,7 +519,7 @@ class Trainer:
     """
     checkpointer = self._checkpointer()
     if checkpointer is None:
-      raise ValueError("Trainer.restore needs a workdir: pass workdir= to the Trainer.")
+      raise UserError("Trainer.restore needs a workdir: pass workdir= to the Trainer.")
     try:
       if step is not None:
         self.state, data_state, _ = checkpointer.restore(step, self.state)
@@ -643,7 +644,7 @@ class Trainer:
           try:
             batch = next(iterator)
           except StopIteration:
-            raise ValueError(f"The training data ran out at step {step} of {config.num_steps}: use a "
+            raise UserError(f"The training data ran out at step {step} of {config.num_steps}: use a "
                              "repeating iterator or fewer TrainConfig.num_steps.") from None
           metrics = self.step(batch)
           step += 1
@@ -714,7 +715,7 @@ class Trainer:
     """
     params = nnx.state(model, self.trainable_filter).to_pure_dict()
     if jax.tree.structure(params) != jax.tree.structure(self.state.params):
-      raise ValueError("Trainer.reset: the model's trainable parameters do not have the structure "
+      raise UserError("Trainer.reset: the model's trainable parameters do not have the structure "
                        "the Trainer was built with; build a new Trainer for another model.")
     params = jax.tree.map(jnp.copy, jax.device_put(params, self.param_shardings))
     replicated = self.state_shardings.step
