@@ -10,7 +10,13 @@ share of the decisive attributes the agent asked, and success on fresh training 
 
   python -m benchmarks.curio_eval --seeds=0,1,2 --rl_steps=30 --out=/tmp/curio_eval
 
-Writes <out>.json, <out>.md and docs/curio_eval.png (curves).
+Writes <out>.json, <out>.md and docs/curio_eval.png (curves). The stages are the method's
+(`persona_jax.curio.job.Curio`: `train_user_model`, `train_imitation`, then `rl.Learner` over
+`Curio.rollouts`); a tiny setting that only checks the script runs:
+
+  python -m benchmarks.curio_eval --seeds=0 --rewards=none,diff_log_acc --rl_steps=2 --eval_every=1 \
+      --batch_size=4 --user_model_steps=2 --imitation_steps=2 --eval_users=4 --out=/tmp/curio_tiny \
+      --plot=/tmp/curio_tiny.png
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import time
 
 import numpy as np
 
-from persona_jax.curio import train as train_lib
+from persona_jax import rl
+from persona_jax.curio.job import Curio
+from persona_jax.hf.source import DecoderSource
+from persona_jax.train.method import Run
 from persona_jax.train.trainer import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,18 +69,21 @@ def main():
   rl_config = TrainConfig(num_steps=args.rl_steps, learning_rate=args.learning_rate, warmup_steps=2,
                           final_learning_rate_fraction=1.0, checkpoint_every=0,
                           eval_every=args.eval_every, log_every=args.eval_every)
-  job = train_lib.build_job(
-      None, model="tiny_llama", pretrained=None, batch_size=args.batch_size,
-      kl_coefficient=args.kl_coefficient, intrinsic_coefficient=args.intrinsic_coefficient,
-      user_model_steps=args.user_model_steps, user_model_learning_rate=1e-2,
-      imitation_steps=args.imitation_steps, imitation_learning_rate=1e-2,
-      random_ask_prob=args.random_ask_prob, eval_users=args.eval_users,
-      train_config=rl_config)
-  user_model = job.user_model_trainer.train(job.user_model_data).metrics
-  imitation = job.imitation_trainer.train(job.imitation_data).metrics
-  warm = job.imitation_trainer.model()
-  warm_eval = job.evaluate(warm)
-  warm_train_users = job.evaluate(warm, split="train")
+  method = Curio(
+      decoder=DecoderSource(pretrained=None, preset="tiny_llama", vocabulary="words"),
+      batch_size=args.batch_size, kl_coefficient=args.kl_coefficient,
+      intrinsic_coefficient=args.intrinsic_coefficient, user_model_steps=args.user_model_steps,
+      user_model_learning_rate=1e-2, imitation_steps=args.imitation_steps,
+      imitation_learning_rate=1e-2, random_ask_prob=args.random_ask_prob,
+      eval_users=args.eval_users)
+  method.setup(None)
+  run = Run(workdir=None, config=rl_config)
+  user_model = method.train_user_model(run).metrics
+  imitation = method.train_imitation(run).metrics
+  warm = method.warm_policy
+  evaluate = lambda policy, split="held_out": method.evaluate_policy(policy, split)[0]
+  warm_eval = evaluate(warm)
+  warm_train_users = evaluate(warm, split="train")
   print(f"warm start: held-out {warm_eval}; training users {warm_train_users}", flush=True)
   setup_seconds = time.time() - started
 
@@ -79,17 +91,18 @@ def main():
   for seed in seeds:
     for reward in reward_names:
       run_started = time.time()
-      trainer = job.make_policy_trainer(warm)
-      settings = dataclasses.replace(job.settings, reward=reward)
+      trainer = method.rl_trainer(run, warm)
+      settings = dataclasses.replace(method.settings, reward=reward)
+      learner = rl.Learner(trainer, method.rollouts(warm.decoder, settings, seed=seed),
+                           rl.LearnerConfig(seed=seed))
       curve = {0: warm_eval}
-      result = trainer.train(job.rollouts(trainer, settings, seed=seed),
-                             eval_fn=lambda model, step, curve=curve: curve.setdefault(
-                                 step, job.evaluate(model)))
+      result = learner.train(eval_fn=lambda model, step, curve=curve: curve.setdefault(
+          step, evaluate(model)))
       policy = trainer.model()
-      curve[result.step] = job.evaluate(policy)
+      curve[result.step] = evaluate(policy)
       runs[(reward, seed)] = {
           "curve": {int(s): m for s, m in sorted(curve.items())},
-          "held_out": curve[result.step], "train_users": job.evaluate(policy, split="train"),
+          "held_out": curve[result.step], "train_users": evaluate(policy, split="train"),
           "train_success": [h["success"] for h in result.history],
           "seconds": time.time() - run_started}
       print(f"{reward} seed {seed}: held-out {curve[result.step]} "

@@ -12,7 +12,9 @@ and reports:
     (`tasks.turns_to_identify`; never = turn_cap + 1);
   * mean_turns, turn_cap_rate (dialogues that hit the cap), invalid_turn_rate (empty / too long
     utterances and unknown strategy names per turn), decisive_asked (share of the decisive
-    attributes the agent asked about).
+    attributes the agent asked about);
+and, per dialogue, the rows behind them (`dialogue_rows`, for paired statistics); `format_table`
+writes the markdown table the job's evaluation returns.
 """
 
 from __future__ import annotations
@@ -78,34 +80,67 @@ def _beliefs(user_model, features):
   return user_model.beliefs(features)
 
 
-def dialogue_metrics(domain: envs.Domain, user_model: UserModel, vocab: tasks.WordVocabulary,
-                     dialogues: Sequence[tasks.Dialogue], turn_cap: int) -> dict[str, float]:
-  """The metrics of the module docstring over `dialogues`."""
+def dialogue_rows(domain: envs.Domain, user_model: UserModel, vocab: tasks.WordVocabulary,
+                  dialogues: Sequence[tasks.Dialogue], turn_cap: int) -> list[dict]:
+  """One JSON-able row per dialogue: user type, success, turns, turns_to_identify, hit_turn_cap,
+  invalid turns, share of the decisive attributes asked."""
   beliefs = dialogue_beliefs(user_model, vocab, dialogues, turn_cap)
   types = np.array([domain.type_index(d.profile.user_type) for d in dialogues])
   num_turns = np.array([len(d.turns) for d in dialogues])
   identify = tasks.turns_to_identify(beliefs, types, num_turns)
   asker = envs.TemplateUser(domain)
-  decisive = []
-  for d in dialogues:
+  rows = []
+  for i, d in enumerate(dialogues):
     asked = {asker.asked_attribute(u) for u, _ in d.turns}
-    decisive.append(len(asked & set(domain.decisive)) / len(domain.decisive))
+    rows.append({"user_type": d.profile.user_type, "success": float(d.success),
+                 "turns": int(num_turns[i]), "turns_to_identify": int(identify[i]),
+                 "hit_turn_cap": float(d.hit_turn_cap), "invalid_turns": len(d.errors),
+                 "decisive_asked": len(asked & set(domain.decisive)) / len(domain.decisive)})
+  return rows
+
+
+def metrics_of_rows(rows: Sequence[dict]) -> dict[str, float]:
+  """The metrics of the module docstring from `dialogue_rows`."""
+  turns = sum(r["turns"] for r in rows)
   return {
-      "success_rate": float(np.mean([d.success for d in dialogues])),
-      "turns_to_identify": float(identify.mean()),
-      "mean_turns": float(num_turns.mean()),
-      "turn_cap_rate": float(np.mean([d.hit_turn_cap for d in dialogues])),
-      "invalid_turn_rate": float(sum(len(d.errors) for d in dialogues) / num_turns.sum()),
-      "decisive_asked": float(np.mean(decisive)),
+      "success_rate": float(np.mean([r["success"] for r in rows])),
+      "turns_to_identify": float(np.mean([r["turns_to_identify"] for r in rows])),
+      "mean_turns": float(turns / len(rows)),
+      "turn_cap_rate": float(np.mean([r["hit_turn_cap"] for r in rows])),
+      "invalid_turn_rate": float(sum(r["invalid_turns"] for r in rows) / turns),
+      "decisive_asked": float(np.mean([r["decisive_asked"] for r in rows])),
   }
+
+
+def dialogue_metrics(domain: envs.Domain, user_model: UserModel, vocab: tasks.WordVocabulary,
+                     dialogues: Sequence[tasks.Dialogue], turn_cap: int) -> dict[str, float]:
+  """The metrics of the module docstring over `dialogues`."""
+  return metrics_of_rows(dialogue_rows(domain, user_model, vocab, dialogues, turn_cap))
+
+
+METRIC_COLUMNS = (  # (metric, column title, format)
+    ("success_rate", "success", "{:.3f}"), ("turns_to_identify", "turns to identify", "{:.2f}"),
+    ("mean_turns", "turns", "{:.2f}"), ("turn_cap_rate", "turn cap", "{:.3f}"),
+    ("invalid_turn_rate", "invalid turns", "{:.3f}"), ("decisive_asked", "decisive asked", "{:.3f}"))
+
+
+def format_table(rows: dict[str, dict[str, float]], title: str) -> str:
+  """Markdown: one line per named set of `dialogue_metrics` (e.g. before / after RL)."""
+  lines = [title, "", "| policy | " + " | ".join(c[1] for c in METRIC_COLUMNS) + " |",
+           "|---|" + "---|" * len(METRIC_COLUMNS)]
+  for name, metrics in rows.items():
+    lines.append(f"| {name} | " + " | ".join(fmt.format(metrics[key])
+                                             for key, _, fmt in METRIC_COLUMNS) + " |")
+  return "\n".join(lines)
 
 
 def evaluate(decoder, fmt: tasks.DialogueFormat, domain: envs.Domain, user: envs.SimulatedUser,
              user_model: UserModel, vocab: tasks.WordVocabulary,
              profiles: Sequence[envs.UserProfile], *, turn_cap: int, max_utterance_tokens: int,
-             temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
-  """Dialogues with `profiles` (held-out users) -> `dialogue_metrics`."""
+             temperature: float = 1.0, seed: int = 0) -> tuple[dict[str, float], list[dict]]:
+  """Dialogues with `profiles` (held-out users) -> (`dialogue_metrics`, `dialogue_rows`)."""
   dialogues = play_dialogues(decoder, fmt, domain, user, profiles, turn_cap=turn_cap,
                              max_utterance_tokens=max_utterance_tokens, temperature=temperature,
                              rng=jax.random.key(seed))
-  return dialogue_metrics(domain, user_model, vocab, dialogues, turn_cap)
+  rows = dialogue_rows(domain, user_model, vocab, dialogues, turn_cap)
+  return metrics_of_rows(rows), rows

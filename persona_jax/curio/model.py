@@ -4,9 +4,11 @@
     user's words (`tasks.reply_features`) -> a hidden layer -> logits over the K user types. It gives
     the belief b_t for every prefix of a dialogue at once: `[batch, turns + 1, vocab] ->
     [batch, turns + 1, K]`. Trained with `user_model_loss` on simulated dialogues.
-  * `build_policy`: the agent, a `persona_jax.nn` decoder producing utterances, wrapped in the RL
-    core's `PolicyWithValue` (value head for the turn-level baseline / GAE): a random preset over the
-    word vocabulary (tiny, the CPU benchmark) or a pretrained decoder with LoRA (SmolLM2, gin default).
+  * `build_policy`: the agent, the run's decoder (`DecoderSource`) producing utterances, wrapped in
+    the RL core's `PolicyWithValue` (value head for the turn-level baseline / GAE): a random preset
+    over the word vocabulary (tiny, the CPU benchmark) or a pretrained decoder with LoRA (SmolLM2,
+    gin default).
+  * `imitation_loss`: the warm start's next-token cross-entropy on the agent's tokens only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persona_jax import nn as pnn
-from persona_jax.hf.pretrained import load_job_decoder
+from persona_jax.nn import padded_causal_mask, positions_from_mask
 from persona_jax.nn.layers import Linear, logical_param
 from persona_jax.rl import PolicyWithValue
 from persona_jax.train.losses import weighted_cross_entropy
@@ -56,14 +58,19 @@ def user_model_loss(model: UserModel, batch: dict, rng: jax.Array):
                 "final_accuracy": jnp.mean(final_correct.astype(jnp.float32))}
 
 
-def build_policy(*, vocab_size: int, model: str | None = "tiny_llama", pretrained: str | None = None,
-                 lora_rank: int = 0, seed: int = 0) -> tuple[PolicyWithValue, dict]:
-  """The agent: `PolicyWithValue` over a random preset (`model`, vocab = the word vocabulary) or a
-  pretrained decoder (`pretrained`, then `lora_rank` > 0 adds LoRA on q/v projections and only
-  LoRA + value head train). Returns (policy, description for checkpoints)."""
-  loaded = load_job_decoder("curio.job", pretrained, model, vocab_size=vocab_size, seed=seed)
-  decoder, base = loaded.decoder, loaded.base
+def build_policy(decoder: pnn.Decoder, *, lora_rank: int = 0) -> PolicyWithValue:
+  """The agent: `PolicyWithValue` over `decoder`; `lora_rank` > 0 adds LoRA on the q/v projections
+  (then only LoRA + value head train, `PolicyWithValue.trainable_filter(lora=True)`)."""
   if lora_rank > 0:
     pnn.inject_lora(decoder, projections=("q_proj", "v_proj"), rank=lora_rank, alpha=2.0 * lora_rank,
                     name="curio")
-  return PolicyWithValue(decoder), base
+  return PolicyWithValue(decoder)
+
+
+def imitation_loss(model: PolicyWithValue, batch: dict, rng: jax.Array):
+  """Next-token cross-entropy on the agent's tokens (`tokens`, `input_mask`, `agent_mask` `[B, S]`)."""
+  del rng
+  tokens, input_mask = batch["tokens"], batch["input_mask"]
+  out = model.decoder(tokens, positions=positions_from_mask(input_mask),
+                      attention_mask=padded_causal_mask(input_mask))
+  return weighted_cross_entropy(out.logits[:, :-1], tokens[:, 1:], batch["agent_mask"][:, 1:])

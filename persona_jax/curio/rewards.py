@@ -17,7 +17,8 @@ Not potential-based (they can be farmed by long dialogues, as the paper warns):
   * "info_gain": r_t = KL(b_{t+1} || b_t), how far the reply moved the belief (our reading of the
     paper's InfoGain; it needs no label).
 
-The extrinsic reward is 1 at the final turn of a successful dialogue, else 0 (`extrinsic_rewards`).
+The extrinsic reward is 1 at the final turn of a successful dialogue, else 0 (`extrinsic_rewards`);
+`turn_rewards` combines both for a batch of dialogues (what the RL stage trains on).
 All in float64 numpy: these are host-side quantities computed once per rollout.
 """
 
@@ -106,3 +107,22 @@ def extrinsic_rewards(num_turns: int, success: bool, length: int | None = None) 
   if success:
     out[num_turns - 1] = 1.0
   return out
+
+
+def turn_rewards(reward: str, beliefs: np.ndarray, user_types: np.ndarray, num_turns: np.ndarray,
+                 successes: np.ndarray, *, turn_cap: int, gamma: float = 1.0,
+                 intrinsic_coefficient: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(total, extrinsic, intrinsic) rewards `[batch, turn_cap]` of a batch of dialogues, 0 after a
+  dialogue's last turn; total = extrinsic + intrinsic_coefficient * intrinsic.
+
+  reward: "none" (extrinsic only) or a key of `INTRINSIC_REWARDS`; beliefs `[batch, turn_cap + 1,
+  K]`; user_types, num_turns, successes `[batch]`.
+  """
+  turn_mask = np.arange(turn_cap)[None, :] < np.asarray(num_turns)[:, None]
+  extrinsic = np.stack([extrinsic_rewards(int(n), bool(s), turn_cap)
+                        for n, s in zip(num_turns, successes)])
+  if reward == "none":
+    intrinsic = np.zeros_like(extrinsic)
+  else:
+    intrinsic = intrinsic_rewards(reward, beliefs, np.asarray(user_types), gamma) * turn_mask
+  return extrinsic + intrinsic_coefficient * intrinsic, extrinsic, intrinsic

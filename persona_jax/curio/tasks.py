@@ -7,9 +7,14 @@ Token layout of a dialogue as the tiny policy reads it (`word_format`, ids of `W
 The policy's prompt at turn t is everything so far plus `<agent>`; it generates the utterance and
 `<eos>`. A pretrained policy uses the same layout in ChatML (`chat_format`).
 
+`dialogue_format` picks the format from the run's vocabulary (`DecoderSource.vocabulary`): 'words'
+(`WORDS`, the word vocabulary; the default with a random preset) or a pretrained tokenizer (ChatML).
+
 Simulated dialogues train the user model (random questions, `random_dialogues`) and warm-start the
 policy by imitation (`scripted_dialogues`: a mixture of a scripted agent that asks the decisive
-attributes and a random one that asks anything, then recommends by the rule from what it heard).
+attributes and a random one that asks anything, then recommends by the rule from what it heard);
+`user_model_batch` / `imitation_batch` turn them into arrays and `ArrayBatches` serves those arrays
+to a Trainer (seeded, resumable).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from persona_jax.curio import envs
+from persona_jax.errors import UserError
+
+WORDS = "words"  # DecoderSource.vocabulary naming `WordVocabulary`
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<agent>", "<user>", "<unk>")
 PAD, BOS, EOS, AGENT, USER, UNK = range(len(SPECIALS))
@@ -90,9 +98,9 @@ def chat_format(tokenizer, domain: envs.Domain) -> DialogueFormat:
   """A ChatML format (SmolLM2-Instruct) over a `tokenizers.Tokenizer`; the agent is the assistant."""
   start_id, end_id = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
   if start_id is None or end_id is None:
-    raise ValueError("curio: the pretrained tokenizer has no <|im_start|>/<|im_end|> tokens; the "
-                     "chat dialogue format is ChatML (SmolLM2-Instruct). Use a ChatML model or "
-                     "curio.job.model='tiny_llama' (word vocabulary).")
+    raise UserError("curio: the pretrained tokenizer has no <|im_start|>/<|im_end|> tokens; the "
+                    "chat dialogue format is ChatML (SmolLM2-Instruct). Use a ChatML model or a "
+                    f"random preset with DecoderSource.vocabulary = '{WORDS}'.")
   encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
   start = encode(f"<|im_start|>system\n{system_prompt(domain)}<|im_end|>\n")
   return DialogueFormat(
@@ -100,6 +108,25 @@ def chat_format(tokenizer, domain: envs.Domain) -> DialogueFormat:
       pad_id=end_id, encode=encode, decode=lambda ids: tokenizer.decode(list(ids)),
       user_segment=lambda reply: encode(f"\n<|im_start|>user\n{reply}<|im_end|>\n"),
       vocab_size=tokenizer.get_vocab_size())
+
+
+def dialogue_format(vocabulary: str, domain: envs.Domain, word_vocabulary: WordVocabulary
+                    ) -> tuple[DialogueFormat, object | None, str | None]:
+  """(format, tokenizer, chat template) for the vocabulary source `vocabulary`: `WORDS` gives the
+  word format (no tokenizer), anything else is a `persona_jax.hf.load_tokenizer` source (ChatML)."""
+  if vocabulary == WORDS:
+    return word_format(word_vocabulary), None, None
+  if vocabulary == "bytes":
+    raise UserError("curio: the byte vocabulary cannot spell the dialogue protocol's words; with a "
+                    f"random preset set DecoderSource.vocabulary = '{WORDS}' (the curio word "
+                    "vocabulary), or use a pretrained ChatML model (DecoderSource.pretrained).")
+  from persona_jax.hf import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer, chat_template, _ = load_tokenizer(vocabulary)
+  if tokenizer is None:
+    raise UserError(f"curio: DecoderSource vocabulary {vocabulary!r} has no tokenizer.json; use a "
+                    f"model with a tokenizer or DecoderSource.vocabulary = '{WORDS}'.")
+  return chat_format(tokenizer, domain), tokenizer, chat_template
 
 
 @dataclasses.dataclass
@@ -127,8 +154,8 @@ def encode_dialogue(fmt: DialogueFormat, dialogue: Dialogue, sequence_length: in
     tokens += list(fmt.agent_prefix) + ids + user
     agent_turn += [-1] * len(fmt.agent_prefix) + [t] * len(ids) + [-1] * len(user)
   if len(tokens) > sequence_length:
-    raise ValueError(f"curio: a dialogue of {len(dialogue.turns)} turns takes {len(tokens)} tokens, "
-                     f"more than curio.job.sequence_length={sequence_length}; raise it.")
+    raise UserError(f"curio: a dialogue of {len(dialogue.turns)} turns takes {len(tokens)} tokens, "
+                    f"more than curio.job.sequence_length={sequence_length}; raise it.")
   pad = sequence_length - len(tokens)
   return (np.array(tokens + [fmt.pad_id] * pad, np.int32),
           np.array(agent_turn + [-1] * pad, np.int32), len(tokens))
@@ -228,6 +255,50 @@ def user_model_batch(vocab: WordVocabulary, domain: envs.Domain, dialogues: Sequ
       "features": np.stack([reply_features(vocab, d, num_turns) for d in dialogues]),
       "user_type": np.array([domain.type_index(d.profile.user_type) for d in dialogues], np.int32),
   }
+
+
+def imitation_batch(fmt: DialogueFormat, dialogues: Sequence[Dialogue],
+                    sequence_length: int) -> dict[str, np.ndarray]:
+  """{"tokens", "input_mask", "agent_mask"} `[batch, sequence_length]` for `model.imitation_loss`."""
+  encoded = [encode_dialogue(fmt, d, sequence_length) for d in dialogues]
+  tokens = np.stack([e[0] for e in encoded])
+  lengths = np.array([e[2] for e in encoded])
+  return {"tokens": tokens,
+          "input_mask": np.arange(sequence_length)[None, :] < lengths[:, None],
+          "agent_mask": np.stack([e[1] >= 0 for e in encoded]).astype(np.float32)}
+
+
+class ArrayBatches:
+  """Endless seeded batches of rows of precomputed arrays (a fresh permutation each epoch);
+  resumable through `get_state`/`set_state` (rows drawn so far)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int = 0):
+    self.arrays = arrays
+    self.num_rows = len(next(iter(arrays.values())))
+    if self.num_rows == 0 or batch_size < 1:
+      raise UserError(f"curio: {self.num_rows} rows in batches of {batch_size}; need at least one "
+                      "row and curio.job.batch_size >= 1.")
+    self.batch_size = batch_size
+    self.seed = seed
+    self.position = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = []
+    for _ in range(self.batch_size):
+      epoch, index = divmod(self.position, self.num_rows)
+      rows.append(np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)[index])
+      self.position += 1
+    rows = np.array(rows)
+    return {name: value[rows] for name, value in self.arrays.items()}
+
+  def get_state(self) -> dict:
+    return {"position": self.position}
+
+  def set_state(self, state: dict) -> None:
+    self.position = int(state["position"])
 
 
 def turns_to_identify(beliefs: np.ndarray, user_type: np.ndarray, num_turns: np.ndarray,
