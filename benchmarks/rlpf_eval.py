@@ -2,9 +2,12 @@
 RLPF summary; summary length and context reduction; training curves of reward and length.
 
   TFDS_DATA_DIR=../shared/tfds python -m benchmarks.rlpf_eval --steps 20 --out /tmp/rlpf_eval
+  # smoke (a random tiny llama, a few steps, no plot):
+  python -m benchmarks.rlpf_eval --model tiny_llama --steps 2 --num_train_users 4 \
+      --num_eval_users 4 --batch_size 2 --max_summary_tokens 8 --transfer_task '' --plot ''
 
-Runs one RLPF job (`persona_jax.rlpf.train.build_job`, default SmolLM2-135M-Instruct as summarizer and
-predictor, LoRA on the summarizer), then evaluates the held-out users of the training task and of
+Runs the RLPF method (`persona_jax.rlpf.job.RLPF` through `rl.Learner`, default SmolLM2-135M-Instruct
+as summarizer and predictor, LoRA on the summarizer), then evaluates the held-out users of the training task and of
 `--transfer_task` (the same summarizer, a task it was not trained on). Writes `<out>/rlpf_eval.json`,
 `<out>/rlpf_eval.md` and the training-curve plot `docs/rlpf_training_curve.png`.
 """
@@ -71,44 +74,61 @@ def main():
   parser.add_argument("--lora_rank", type=int, default=8)
   parser.add_argument("--learning_rate", type=float, default=3e-4)
   parser.add_argument("--kl_reward_coefficient", type=float, default=0.01)
+  parser.add_argument("--num_epochs", type=int, default=1, help="rl.learner.num_epochs")
+  parser.add_argument("--num_minibatches", type=int, default=1, help="rl.learner.num_minibatches")
+  parser.add_argument("--policy_loss", default="policy_gradient", help="'ppo' with --num_epochs > 1")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="/tmp/rlpf_eval")
   parser.add_argument("--plot", default=os.path.join(REPO, "docs", "rlpf_training_curve.png"))
   args = parser.parse_args()
 
+  from persona_jax import rl
+  from persona_jax.hf.source import DecoderSource
+  from persona_jax.rlpf import eval as eval_lib
   from persona_jax.rlpf import tasks
-  from persona_jax.rlpf import train as rlpf_train
-  from persona_jax.train import TrainConfig
+  from persona_jax.rlpf.job import RLPF
+  from persona_jax.train import TrainConfig, Trainer
 
   started = time.time()
-  pretrained = None if args.model else args.pretrained
+  source = (DecoderSource(pretrained=None, preset=args.model, vocabulary="bytes") if args.model
+            else DecoderSource(pretrained=args.pretrained))
   train_config = TrainConfig(num_steps=args.steps, learning_rate=args.learning_rate,
                              warmup_steps=min(2, args.steps - 1), checkpoint_every=0, log_every=1,
                              seed=args.seed)
-  job = rlpf_train.build_job(
-      None, pretrained=pretrained, model=args.model, task=args.task, num_history=args.num_history,
+  method = RLPF(
+      decoder=source, task=args.task, num_history=args.num_history,
       num_train_users=args.num_train_users, num_eval_users=args.num_eval_users,
       max_summary_tokens=args.max_summary_tokens, batch_size=args.batch_size,
       samples_per_prompt=args.samples_per_prompt, estimator=args.estimator,
       lora_rank=args.lora_rank, kl_reward_coefficient=args.kl_reward_coefficient,
       length_weight=args.length_weight, target_length=args.target_length, seed=args.seed,
-      train_config=train_config)
+      learner=rl.LearnerConfig(num_epochs=args.num_epochs, num_minibatches=args.num_minibatches,
+                               seed=args.seed))
+  method.setup(None)
+  description = method.description()
   built = time.time()
-  print(f"rlpf_eval: {job.description}; built in {built - started:.0f} s", flush=True)
-  result = job.trainer.train(job.batches)
+  print(f"rlpf_eval: {description}; built in {built - started:.0f} s", flush=True)
+  trainer = Trainer(method.model(), rl.make_loss_fn(policy_loss=args.policy_loss), train_config,
+                    trainable=method.trainable_filter())
+  learner = rl.Learner(trainer, method.rollout_source(), method.learner_config)
+  result = learner.train()
   trained = time.time()
-  evaluations = {args.task: rlpf_train.evaluate(job)}
+  model = learner.trainer.model()
+  evaluations = {args.task: method.evaluate(model, result.step).results["eval_table"]}
   if args.transfer_task:
     name = tasks.rlpf_task(args.transfer_task, num_history=args.num_history, seed=args.seed)
-    evaluations[f"{args.transfer_task} (transfer)"] = rlpf_train.evaluate(
-        job, tasks.load_examples(name, "test", limit=args.num_eval_users))
+    evaluations[f"{args.transfer_task} (transfer)"] = eval_lib.evaluate_contexts(
+        method.predictor, method.codec, tasks.load_examples(name, "test", limit=args.num_eval_users),
+        {"zero_shot_summary": method.decoder, "rlpf_summary": model.decoder},
+        max_summary_tokens=args.max_summary_tokens, batch_size=method.eval_batch_size)
   finished = time.time()
 
   history = [{k: h[k] for k in ("step", "reward", "prediction_accuracy", "summary_tokens",
-                                "kl_to_reference", "value_loss", "empty_summary") if k in h}
+                                "kl_to_reference", "value_loss", "empty_summary", "ratio_mean",
+                                "clip_fraction", "approx_kl") if k in h}
              for h in result.history]
   os.makedirs(args.out, exist_ok=True)
-  report = {"args": vars(args), "description": job.description, "history": history,
+  report = {"args": vars(args), "description": description, "history": history,
             "evaluations": evaluations,
             "seconds": {"build": built - started, "train": trained - built,
                         "evaluate": finished - trained},
@@ -116,7 +136,7 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   with open(os.path.join(args.out, "rlpf_eval.json"), "w") as f:
     json.dump(report, f, indent=2)
-  lines = [f"RLPF held-out evaluation ({job.description}; {args.steps} steps x {args.batch_size} "
+  lines = [f"RLPF held-out evaluation ({description}; {args.steps} steps x {args.batch_size} "
            f"users x {args.samples_per_prompt} summaries; {args.num_eval_users} held-out users)", ""]
   for title, results in evaluations.items():
     lines += _table(title, results)
@@ -134,7 +154,7 @@ def main():
     f.write(markdown)
   print(markdown, flush=True)
   if args.plot:
-    _plot(history, args.plot, f"RLPF training ({job.description})")
+    _plot(history, args.plot, f"RLPF training ({description})")
     print(f"plot: {args.plot}")
 
 

@@ -20,9 +20,9 @@ Bad input: a user with fewer than `num_history` past activities keeps all they h
 records `num_history_items`; nothing is padded or dropped). Distractors are sampled with a generator
 seeded by (seed, user id), so examples are the same on every run and machine.
 
-SeqIO: `rlpf_task(name, split_seed=...)` registers `rlpf.<name>[...]` (string/int features, no
-tokenization: each model tokenizes prompts with its own tokenizer) and `load_examples` reads a split
-as a list of dicts.
+SeqIO: `rlpf_task(name, ...)` registers `rlpf.<name>.n<N>.<content hash>` through the core's
+`register_in_memory_task` (string/int features, no tokenization: each model tokenizes prompts with
+its own tokenizer) and `load_examples` reads a split as a list of dicts.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from persona_jax import data as pdata
 from persona_jax.data import user_histories as uh
 
 TASKS = ("movielens_future_movie", "movielens_favorite_genre", "amazon_future_category",
@@ -181,29 +182,19 @@ def build_examples(name: str, split: str, *, num_history: int = 10, future_items
   return tuple(amazon_future_rating_examples(users, num_history=num_history, seed=seed))
 
 
-FEATURES = {"user_id": tf.string, "history_text": tf.string, "question": tf.string,
-            "options": tf.string, "answer_index": tf.int32, "num_history_items": tf.int32,
-            "domain": tf.string}
+FEATURES = {"user_id": tf.TensorSpec((), tf.string), "history_text": tf.TensorSpec((), tf.string),
+            "question": tf.TensorSpec((), tf.string), "options": tf.TensorSpec((4,), tf.string),
+            "answer_index": tf.TensorSpec((), tf.int32),
+            "num_history_items": tf.TensorSpec((), tf.int32), "domain": tf.TensorSpec((), tf.string)}
 
 
 def rlpf_task(name: str, *, num_history: int = 10, future_items: int = 10, seed: int = 0) -> str:
-  """Registers (once) and returns the SeqIO task `rlpf.<name>.n<num_history>.f<future>.s<seed>`."""
-  task_name = f"rlpf.{name}.n{num_history}.f{future_items}.s{seed}"
-  if task_name in seqio.TaskRegistry.names():
-    return task_name
+  """Registers (once) and returns the SeqIO task `rlpf.<name>.n<num_history>.<content hash>` over the
+  examples of every split (`persona_jax.data.register_in_memory_task`)."""
   kwargs = dict(num_history=num_history, future_items=future_items, seed=seed)
-  build_examples(name, "test", **kwargs)  # validates the name and the data now, not lazily
-
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed
-    examples = build_examples(name, split, **kwargs)
-    columns = {key: [e[key] for e in examples] for key in FEATURES}
-    return tf.data.Dataset.from_tensor_slices(
-        {key: tf.constant(values, dtype=FEATURES[key]) for key, values in columns.items()})
-
-  seqio.TaskRegistry.add(task_name, source=seqio.FunctionDataSource(
-      dataset_fn, splits=uh.SPLITS), preprocessors=[], output_features={})
-  return task_name
+  rows = {split: [{key: example[key] for key in FEATURES}
+                  for example in build_examples(name, split, **kwargs)] for split in uh.SPLITS}
+  return pdata.register_in_memory_task(f"rlpf.{name}.n{num_history}", rows, FEATURES)
 
 
 def load_examples(task_name: str, split: str, limit: int | None = None) -> list[dict]:

@@ -12,7 +12,7 @@ from persona_jax.data import user_histories as uh
 from persona_jax.rlpf import tasks
 from persona_jax.rlpf.model import (Predictor, RewardConfig, TextCodec, length_reward,
                                     predictor_message, summary_rewards)
-from persona_jax.rlpf.train import make_reward_fn
+from persona_jax.rlpf.job import make_reward_fn
 
 
 @pytest.fixture(scope="module")
