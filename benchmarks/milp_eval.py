@@ -7,6 +7,10 @@ Persona-F1 of each system's greedy responses to the users' held-out turns.
 
   python -m benchmarks.milp_eval --num_dev_users=1 --num_test_users=2 --num_trials=3 --num_steps=8
 
+(`--gin_file=gin/milp_smoke.gin --plot=''` runs the same on a tiny random decoder in a minute.) It runs
+the generic `train` job of `run.method = 'milp'` in --workdir (an earlier MiLP run's
+outputs there are removed first: a fresh search).
+
 Writes <out>.json (everything, trials and responses included), <out>.md (the table and the trial
 history) and docs/milp_<dataset>.png (the objective per trial and the systems side by side).
 """
@@ -18,27 +22,16 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
 import gin
 
-from persona_jax import main as main_lib  # registers `run`, which the gin file binds
-from persona_jax.milp import train as train_lib
-from persona_jax.train.trainer import TrainConfig
+from persona_jax.milp import eval as eval_lib
+from persona_jax.train import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def trial_table(records: list[dict]) -> str:
-  lines = ["| trial | layers | rank | learning rate | feasible | dev ROUGE-L | dev Persona-F1 | seconds |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in records:
-    layout = r["layout"]
-    scores = (f"{r['rouge_l']:.4f} | {r['persona_f1']:.4f}" if r["feasible"] else "- | -")
-    lines.append(f"| {r['trial']} | {layout['layers']} | {layout['rank']} | {layout['learning_rate']:.2e} | "
-                 f"{'yes' if r['feasible'] else 'no'} | {scores} | {r['seconds']} |")
-  return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: str) -> None:
@@ -54,7 +47,7 @@ def plot(summary: dict, path: str) -> None:
   left.set_ylabel(f"dev {summary['objective']}")
   left.set_title("GP search on the dev users")
   left.legend()
-  systems = [s for s in train_lib.SYSTEMS if s in summary["results"]]
+  systems = [s for s in eval_lib.SYSTEMS if s in summary["results"]]
   xs = range(len(systems))
   width = 0.38
   right.bar([x - width / 2 for x in xs], [summary["results"][s]["rouge_l"] for s in systems], width,
@@ -70,6 +63,8 @@ def plot(summary: dict, path: str) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--gin_file", default=os.path.join(REPO, "gin", "milp.gin"),
+                      help="gin/milp_smoke.gin for a tiny random decoder (checks the script runs)")
   parser.add_argument("--dataset", default="synthetic_persona_chat")
   parser.add_argument("--num_dev_users", type=int, default=1)
   parser.add_argument("--num_test_users", type=int, default=2)
@@ -78,40 +73,57 @@ def main():
   parser.add_argument("--num_steps", type=int, default=8, help="memory training steps per user")
   parser.add_argument("--batch_size", type=int, default=2, help="rows per memory training step")
   parser.add_argument("--max_new_tokens", type=int, default=16)
+  parser.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data", "dialogue"))
   parser.add_argument("--workdir", default="/tmp/milp_eval")
   parser.add_argument("--out", default="/tmp/milp_eval")
+  parser.add_argument("--plot", default=None, help="default docs/milp_<dataset>.png ('' for none)")
   args = parser.parse_args()
 
-  gin.clear_config()
-  main_lib.import_job_modules()
-  gin.parse_config_file(os.path.join(REPO, "gin", "milp.gin"))
-  config = TrainConfig(num_steps=args.num_steps, warmup_steps=max(1, args.num_steps // 10),
-                       weight_decay=0.0, checkpoint_every=0, keep_checkpoints=1, log_every=1000,
-                       async_checkpointing=False)
+  # A fresh search, not a continuation (the job resumes whatever the workdir holds): remove what an
+  # earlier MiLP run wrote there, and nothing else.
   os.makedirs(args.workdir, exist_ok=True)
-  for stale in ("trials.jsonl", "best_layout.json"):  # a fresh search, not a continuation
-    if os.path.exists(os.path.join(args.workdir, stale)):
-      os.remove(os.path.join(args.workdir, stale))
+  for stale in ("trials.jsonl", "search.json", "best_layout.json", "users", "single_lora", "peft"):
+    path = os.path.join(args.workdir, stale)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+  gin.clear_config()
+  jobs.discover_methods()
+  bindings = [f"milp.job.dataset = {args.dataset!r}", f"milp.job.data_dir = {args.data_dir!r}",
+              f"milp.job.num_dev_users = {args.num_dev_users}",
+              f"milp.job.num_test_users = {args.num_test_users}",
+              f"milp.job.num_trials = {args.num_trials}",
+              f"milp.job.num_startup_trials = {args.num_startup_trials}",
+              f"milp.job.max_new_tokens = {args.max_new_tokens}",
+              f"milp.job.batch_size = {args.batch_size}",
+              f"TrainConfig.num_steps = {args.num_steps}",
+              f"TrainConfig.warmup_steps = {max(1, args.num_steps // 10)}",
+              "TrainConfig.weight_decay = 0.0", "TrainConfig.checkpoint_every = 0",
+              "TrainConfig.keep_checkpoints = 1", "TrainConfig.log_every = 1000",
+              "TrainConfig.async_checkpointing = False"]
+  gin.parse_config_files_and_bindings([args.gin_file], bindings)
   started = time.time()
-  summary = train_lib.train(args.workdir, dataset=args.dataset, num_dev_users=args.num_dev_users,
-                            num_test_users=args.num_test_users, num_trials=args.num_trials,
-                            num_startup_trials=args.num_startup_trials, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size,
-                            train_config=config)
+  result = jobs.run(args.workdir)
+  summary = dict(result["evaluation"].results["results"])
+  summary["examples"] = result["evaluation"].examples
   summary["total_seconds"] = round(time.time() - started, 1)
   summary["command"] = "python -m benchmarks.milp_eval " + " ".join(sys.argv[1:])
   summary["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs ({platform.platform()})"
   summary["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  table = train_lib.results_table(summary["results"], f"MiLP on {args.dataset}: {len(summary['test_users'])} "
-                                  f"test users, search on {len(summary['dev_users'])} dev users")
+  table = eval_lib.results_table(summary["results"], f"MiLP on {args.dataset}: "
+                                 f"{len(summary['test_users'])} test users, search on "
+                                 f"{len(summary['dev_users'])} dev users")
   text = (table + "\nBest layout: " + json.dumps(summary["best_layout"]) + "\n\nTrials:\n\n" +
-          trial_table(summary["trials"]) + f"\nTotal {summary['total_seconds']} s; seconds per stage "
-          f"{summary['seconds']}.\n")
+          eval_lib.trial_table(summary["trials"]) + f"\nTotal {summary['total_seconds']} s; seconds "
+          f"per stage {summary['seconds']}.\n")
   with open(args.out + ".json", "w") as f:
     json.dump(summary, f, indent=2)
   with open(args.out + ".md", "w") as f:
     f.write(text)
-  plot(summary, os.path.join(REPO, "docs", f"milp_{args.dataset}.png"))
+  plot_path = os.path.join(REPO, "docs", f"milp_{args.dataset}.png") if args.plot is None else args.plot
+  if plot_path:
+    plot(summary, plot_path)
   print(text, flush=True)
 
 

@@ -11,10 +11,11 @@ The user's turns are cut at `history_fraction` of the conversation:
     order), with the `context_turns` turns before it as the prompt.
 
 SeqIO tasks:
-  * `milp.history.<user_id>.<vocabulary>`: a language-modelling task over the user's history text
+  * `milp.history.<user_id>.<path hash>.<vocabulary>`: a language-modelling task over the user's history
     (written to `<data_dir>/<user_id>.txt`, registered with `persona_jax.data.register_text_file_task`);
-  * `milp.responses.<dataset>`: the held-out examples of the dataset's users, splits "dev" and "test",
-    text features `user_id`, `prompt`, `response`, `persona` (persona facts joined by newlines).
+  * `milp.responses.<dataset>.<content hash>`: the held-out examples of the dataset's users, splits
+    "dev" and "test", text features `user_id`, `prompt`, `response`, `persona` (persona facts joined
+    by newlines), registered in memory (`persona_jax.data.register_in_memory_task`).
 
 Metrics: ROUGE-L F-measure (`rouge_score`, stemming on) against the reference response, and
 Persona-F1: the token-level F1 (SQuAD normalization: lowercase, no punctuation or articles) between the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -37,7 +39,7 @@ import seqio
 import tensorflow as tf
 
 from persona_jax import data as pdata
-from persona_jax.errors import MissingFileError
+from persona_jax.errors import MissingFileError, UserError
 
 DATASETS = ("synthetic_persona_chat", "mathdial")
 SPEAKERS = {"synthetic_persona_chat": ("User 2", "User 1"), "mathdial": ("Student", "Teacher")}
@@ -68,7 +70,7 @@ def _persona_chat_rows(path: pathlib.Path) -> list[dict]:
     rows = list(csv.DictReader(f))
   needed = {"user 2 personas", "Best Generated Conversation"}
   if rows and not needed <= set(rows[0]):
-    raise ValueError(f"{path}: columns {sorted(rows[0])} lack {sorted(needed - set(rows[0]))}; expected the "
+    raise UserError(f"{path}: columns {sorted(rows[0])} lack {sorted(needed - set(rows[0]))}; expected the "
                      "Synthetic-Persona-Chat CSV.")
   return [{"id": f"spc_{path.stem.split('_')[-1]}_{index}",
            "persona": [s.strip() for s in row["user 2 personas"].splitlines() if s.strip()],
@@ -84,7 +86,7 @@ def _mathdial_rows(path: pathlib.Path) -> list[dict]:
         row = json.loads(line)
         profile, conversation, qid = row["student_profile"], row["conversation"], row["qid"]
       except (json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{path}:{line_number}: not a MathDial row ({error!r}); expected JSON with "
+        raise UserError(f"{path}:{line_number}: not a MathDial row ({error!r}); expected JSON with "
                          "student_profile, conversation and qid.") from None
       persona = [s.strip() + "." for s in profile.split(".") if s.strip()]
       # Turns look like "Teacher: (generic)Hi ..."; drop the move annotation in parentheses.
@@ -126,11 +128,11 @@ def load_users(dataset: str, data_dir: str | os.PathLike, split: str, num_users:
     responses_per_user: held-out responses per user (the first ones after the cut).
   """
   if dataset not in DATASETS:
-    raise ValueError(f"milp dataset {dataset!r} is unknown; choose from {DATASETS}.")
+    raise UserError(f"milp dataset {dataset!r} is unknown; choose from {DATASETS}.")
   if split not in ("dev", "test"):
-    raise ValueError(f"milp split {split!r} is unknown; use 'dev' or 'test'.")
+    raise UserError(f"milp split {split!r} is unknown; use 'dev' or 'test'.")
   if not 0.0 < history_fraction < 1.0:
-    raise ValueError(f"milp history_fraction={history_fraction} must be in (0, 1).")
+    raise UserError(f"milp history_fraction={history_fraction} must be in (0, 1).")
   root = pathlib.Path(data_dir).expanduser()
   if dataset == "synthetic_persona_chat":
     name = {"dev": "valid", "test": "test"}[split]
@@ -154,14 +156,14 @@ def load_users(dataset: str, data_dir: str | os.PathLike, split: str, num_users:
     if user.held_out and user.history:
       users.append(user)
   if len(users) < num_users:
-    raise ValueError(f"{path}: only {len(users)} users with history and held-out responses for split "
+    raise UserError(f"{path}: only {len(users)} users with history and held-out responses for split "
                      f"{split!r}, {num_users} requested; lower num_users.")
   return users
 
 
 def check_history(user: User) -> None:
   if not user.persona and not user.history:
-    raise ValueError(f"milp user {user.user_id!r} has no history (no persona facts and no past turns): "
+    raise UserError(f"milp user {user.user_id!r} has no history (no persona facts and no past turns): "
                      "there is nothing to store in a memory; drop the user or lower history_fraction's cut.")
 
 
@@ -174,36 +176,33 @@ def history_task(user: User, vocabulary, data_dir: str | os.PathLike) -> str:
   text = user.history_text()
   if not path.is_file() or path.read_text() != text:
     path.write_text(text)
-  name = f"milp.history.{user.user_id}.{pdata.vocabulary_name(vocab)}"
+  # The file's path in the name: another workdir in the same process is another task.
+  where = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+  name = f"milp.history.{user.user_id}.{where}.{pdata.vocabulary_name(vocab)}"
   # Each history is one short document (never cut at blank lines); chunks are packed into rows.
   return pdata.register_text_file_task(name, {"train": str(path)}, vocab, add_eos=True,
                                        lines_per_document=10_000, concatenate_documents=False)
 
 
+def history_iterator(user: User, vocabulary, data_dir: str | os.PathLike, *, sequence_length: int,
+                     batch_size: int, seed: int):
+  """Packed training rows `[batch_size, sequence_length]` of `user`'s history (repeating, resumable)."""
+  task = history_task(user, vocabulary, data_dir)
+  return pdata.make_iterator(task, split="train", sequence_length=sequence_length,
+                             batch_size=batch_size, seed=seed, pack=True)
+
+
+RESPONSE_FEATURES = ("user_id", "prompt", "response", "persona")
+
+
 def responses_task(dataset: str, users_by_split: dict[str, Sequence[User]]) -> str:
-  """Registers the held-out responses of these users as `milp.responses.<dataset>` (splits dev/test)."""
-  examples = {split: [(u.user_id, ex.prompt, ex.response, "\n".join(u.persona))
-                      for u in users for ex in u.held_out] for split, users in users_by_split.items()}
-  name = f"milp.responses.{dataset}"
-  fingerprint = json.dumps(examples, sort_keys=True)
-  if name in seqio.TaskRegistry.names():
-    if getattr(seqio.TaskRegistry.get(name), "_milp_fingerprint", None) == fingerprint:
-      return name
-    seqio.TaskRegistry.remove(name)  # another user selection in this process: replace it
-
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed
-    rows = examples[split]
-    columns = list(zip(*rows)) if rows else [[]] * 4
-    return tf.data.Dataset.from_tensor_slices({key: tf.constant(list(col), tf.string) for key, col in
-                                               zip(("user_id", "prompt", "response", "persona"), columns)})
-
-  source = seqio.FunctionDataSource(dataset_fn, splits=tuple(examples),
-                                    num_input_examples={s: len(r) for s, r in examples.items()})
-  task = seqio.Task(name, source=source, output_features={}, preprocessors=[])
-  task._milp_fingerprint = fingerprint  # pylint: disable=protected-access
-  seqio.TaskRegistry.add_provider(name, task)
-  return name
+  """Registers the held-out responses of these users (splits as given, e.g. dev / test); returns the
+  task name `milp.responses.<dataset>.<content hash>` (`persona_jax.data.register_in_memory_task`)."""
+  rows = {split: [{"user_id": u.user_id, "prompt": ex.prompt, "response": ex.response,
+                   "persona": "\n".join(u.persona)} for u in users for ex in u.held_out]
+          for split, users in users_by_split.items()}
+  signature = {name: tf.TensorSpec((), tf.string) for name in RESPONSE_FEATURES}
+  return pdata.register_in_memory_task(f"milp.responses.{dataset}", rows, signature)
 
 
 def held_out_examples(task_name: str, split: str) -> list[dict[str, str]]:
