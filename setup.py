@@ -29,6 +29,7 @@ setup(
         "huggingface_hub>=0.23",
         "tensorboardX>=2.6",  # TensorBoard events when the `tensorboard` package is absent
         "clu>=0.0.12",  # metric writers (persona_jax.train.metrics)
+        "tensorboard>=2.16",  # clu.metric_writers imports it (TensorFlow no longer pulls it in)
         "tensorflow>=2.16",  # tf.data pipelines (persona_jax.data) and TF summaries
         "etils[epath]",  # local and gs:// workdirs
         "jinja2>=3.1",  # chat templates (persona_jax.hf.apply_chat_template)

@@ -23,7 +23,8 @@ from persona_jax import export as export_lib
 from persona_jax import nn as pnn
 from persona_jax import sampling
 from persona_jax.coprocessor import CacheCoprocessor
-from persona_jax.coprocessor import export as coprocessor_export
+from persona_jax.coprocessor.job import LOADER_FILE, Coprocessor
+from persona_jax.errors import UserError
 
 PROMPTS = np.array([[3, 17, 42, 99, 7, 150, 23, 64, 5, 11], [200, 4, 9, 31, 77, 8, 120, 60, 2, 19]])
 
@@ -57,7 +58,7 @@ def _torch_logits(directory, prompts: np.ndarray) -> np.ndarray:
 
 def _load_loader(output_dir):
   """Imports the coprocessor_loader.py the export wrote (as a user would, from that directory)."""
-  path = output_dir / coprocessor_export.LOADER_FILE
+  path = output_dir / LOADER_FILE
   spec = importlib.util.spec_from_file_location(f"exported_loader_{abs(hash(str(path)))}", path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module
@@ -69,7 +70,7 @@ def _export_coprocessor(model: CacheCoprocessor, output_dir):
   export_lib.export_decoder(model.decoder, output_dir / "decoder")
   if model.coprocessor is not None:
     export_lib.export_decoder(model.coprocessor, output_dir / "coprocessor")
-  coprocessor_export.export_artifacts(model, output_dir)
+  Coprocessor().export_artifacts(model, output_dir)
 
 
 def _check_loader(model: CacheCoprocessor, output_dir):
@@ -140,29 +141,50 @@ def test_find_decoders_names_each_decoder_by_its_attribute():
   assert [name for name, _ in export_lib.find_decoders(decoder)] == ["decoder"]
 
 
-def test_room_config_qualifies_bare_room_selectors():
-  text = "job.seed = 0\nrun.job = @coprocessor.train\nTrainConfig.num_steps = 3\ntrain.x = 1\n"
-  assert export_lib.job_room(text, "config.gin") == "coprocessor"
-  assert export_lib.room_config(text, "coprocessor").split() == [
-      "coprocessor.job.seed", "=", "0", "TrainConfig.num_steps", "=", "3", "coprocessor.train.x", "=", "1"]
+def test_config_imports_of_other_packages_are_refused(tmp_path):
+  (tmp_path / "config.gin").write_text("import this\nrun.method = 'coprocessor'\n")
+  with pytest.raises(UserError, match=r"imports \['this'\].*only when"):
+    export_lib.read_config(tmp_path / "config.gin")
+  (tmp_path / "config.gin").write_text("import persona_jax.train.jobs\nrun.method = 'coprocessor'\n")
+  assert "run.method" in export_lib.read_config(tmp_path / "config.gin")
+
+
+def _fake_run(path):
+  path.mkdir(parents=True)
+  (path / "config.gin").write_text("run.method = 'coprocessor'\n")
+  (path / "checkpoints").mkdir()
+  return path
+
+
+def test_export_never_touches_a_run_or_anything_but_a_previous_export(tmp_path):
+  run = _fake_run(tmp_path / "runs" / "a")
+  sibling = _fake_run(tmp_path / "runs" / "b")
+  for target in (run, run / "export", tmp_path / "runs", tmp_path):
+    with pytest.raises(UserError, match="workdir"):
+      export_lib.export(str(run), str(target), overwrite=True)
+  with pytest.raises(UserError, match="another run's workdir"):
+    export_lib.export(str(run), str(sibling / "export"), overwrite=True)
+  unrelated = tmp_path / "papers"
+  unrelated.mkdir()
+  (unrelated / "draft.tex").write_text("mine")
+  with pytest.raises(UserError, match="not a previous export.*never deletes"):
+    export_lib.export(str(run), str(unrelated), overwrite=True)
+  assert (unrelated / "draft.tex").read_text() == "mine"
+  assert (run / "config.gin").is_file() and (sibling / "checkpoints").is_dir()
 
 
 def test_export_errors_name_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.gin"):
-    export_lib.export(str(tmp_path), str(tmp_path / "out"))
-  (tmp_path / "config.gin").write_text("run.job = @coprocessor.train\n")
+    export_lib.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  run = _fake_run(tmp_path / "run")
   previous = tmp_path / "out" / "export_manifest.json"
   previous.parent.mkdir()
   previous.write_text("{}")
-  with pytest.raises(FileExistsError, match="--overwrite"):
-    export_lib.export(str(tmp_path), str(tmp_path / "out"))
-  with pytest.raises(ValueError, match="no checkpoint"):
-    export_lib.export(str(tmp_path), str(tmp_path / "out"), overwrite=True)
+  with pytest.raises(UserError, match="--overwrite"):
+    export_lib.export(str(run), str(tmp_path / "out"))
+  with pytest.raises(UserError, match="no checkpoint"):
+    export_lib.export(str(run), str(tmp_path / "out"), overwrite=True)
   assert previous.read_text() == "{}"  # a failed export leaves the previous one in place
-  with pytest.raises(ValueError, match="no `run.job"):
-    export_lib.job_room("TrainConfig.num_steps = 3\n", "config.gin")
-  with pytest.raises(ValueError, match="rebuilds `user_llm.train` jobs"):
-    export_lib.job_room("run.job = @user_llm.pretrain_encoder\n", "config.gin")
 
 
 @pytest.mark.slow
@@ -181,7 +203,7 @@ def test_export_trained_smoke_job_round_trips(tmp_path, shared_dir):
     initial = _rebuild_untrained(workdir)  # the same job before training (no restore)
   finally:
     gin.clear_config()
-  assert manifest["room"] == "coprocessor" and manifest["step"] == 2
+  assert manifest["method"] == "coprocessor" and manifest["step"] == 2
   assert {"decoder", "coprocessor", "soft_tokens.safetensors", "coprocessor_loader.py"} <= set(
       manifest["artifacts"])
   assert "LoRA adapters merged" in manifest["artifacts"]["coprocessor"]
@@ -204,24 +226,29 @@ def test_export_trained_smoke_job_round_trips(tmp_path, shared_dir):
                              _jax_augmented_logits(trained, PROMPTS), atol=2e-4, rtol=2e-4)
 
 
-def _job(workdir):
-  from persona_jax.coprocessor.train import build_job
+def _method(workdir):
+  from persona_jax.train import jobs
+  from persona_jax.train.method import get_method
 
   gin.clear_config()
-  text = (workdir / export_lib.CONFIG_FILE).read_text()
-  gin.parse_config(export_lib.room_config(text, "coprocessor"))
+  jobs.discover_methods()
+  gin.parse_config((workdir / export_lib.CONFIG_FILE).read_text())
   with gin.unlock_config():
-    return build_job(str(workdir))
+    method = get_method(gin.query_parameter("run.method"))()
+  method.setup(str(workdir))
+  return method
 
 
 def _rebuild_untrained(workdir):
-  return _job(workdir).trainer.model()
+  return _method(workdir).model()
 
 
 def _restored(workdir):
+  from persona_jax.train.method import Run
+  from persona_jax.train.trainer import TrainConfig
+
   try:
-    job = _job(workdir)
-    job.trainer.restore()
-    return job.trainer.model()
+    model, _ = _method(workdir).restore(Run(workdir=str(workdir), config=TrainConfig()))
+    return model
   finally:
     gin.clear_config()
