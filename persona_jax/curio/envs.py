@@ -376,3 +376,118 @@ class DialogueEnvironment:
       self.success = name == self.profile.user_type
       return StepResult("", done=True, success=self.success)
     return StepResult(self.user.respond(self.profile, utterance, tuple(self.history)), done=False)
+
+
+# Discrete actions, batched (the controllable experiment, benchmarks/curio_discrete.py) ---------------
+def discrete_actions(domain: Domain, argmax_recommend: bool = False) -> tuple[str, ...]:
+  """The utterance of each discrete action: "ask <attribute>" for every attribute (in order), then
+  "<final_verb> <type>" for every type, or (argmax_recommend) one "<final_verb>" action whose type is
+  the exact user model's argmax (`DiscreteDialogues.argmax_type`)."""
+  asks = tuple(f"ask {a}" for a in domain.attribute_names)
+  if argmax_recommend:
+    return asks + (domain.final_verb,)
+  return asks + tuple(f"{domain.final_verb} {t}" for t in domain.type_names)
+
+
+class RulePosterior:
+  """The exact Bayesian user model of a domain: a uniform prior over every combination of decisive
+  values (the rule is known, the training/held-out split is not), conditioned on the decisive
+  values heard so far; the belief over types is the share of consistent combinations per type.
+  Non-decisive answers do not move it, and it never gives the true type probability 0."""
+
+  def __init__(self, domain: Domain):
+    self.domain = domain
+    combos = list(itertools.product(*(domain.attributes[a] for a in domain.decisive)))
+    self.combos = np.array([[domain.attributes[a].index(v) for a, v in zip(domain.decisive, c)]
+                            for c in combos], np.int64)  # [C, D] value indices
+    types = np.array([domain.type_index(domain.rule(c)) for c in combos])
+    self.combo_types = np.eye(domain.num_types)[types]  # [C, K]
+
+  def beliefs(self, heard: np.ndarray) -> np.ndarray:
+    """`heard [..., D]` value index of each decisive attribute (-1: not heard) -> `[..., K]`."""
+    heard = np.asarray(heard)[..., None, :]
+    consistent = np.all((heard < 0) | (heard == self.combos), axis=-1).astype(np.float64)
+    mass = consistent @ self.combo_types
+    return mass / mass.sum(-1, keepdims=True)
+
+
+class DiscreteDialogues:
+  """A batch of dialogues of `DialogueEnvironment`'s protocol with the template user, played with
+  discrete actions (`discrete_actions`): action i < num_attributes asks attribute i (the reply
+  reveals its value), the others are final answers (success = the named type, or with
+  `argmax_recommend` the exact user model's argmax, is the user's). After `turn_cap` turns without
+  a final answer a dialogue ends as a failure (`hit_cap`). Finished rows ignore further actions.
+
+  Observation (`observation()`, float32 `[batch, observation_size]`): one bit per attribute value
+  the user has said, one bit per attribute asked, the turn index one-hot.
+  `belief_history [batch, turn_cap + 1, K]`: the exact user model's belief after each turn (b_0 the
+  prior; rows after a dialogue's end repeat its last), the input of `rewards.turn_rewards`.
+  """
+
+  def __init__(self, domain: Domain, profiles: Sequence[UserProfile], *, turn_cap: int = 8,
+               argmax_recommend: bool = False, posterior: RulePosterior | None = None):
+    self.domain, self.turn_cap, self.argmax_recommend = domain, turn_cap, argmax_recommend
+    self.posterior = posterior or RulePosterior(domain)
+    names = domain.attribute_names
+    self.num_attributes = len(names)
+    self.num_actions = len(discrete_actions(domain, argmax_recommend))
+    self.offsets = np.cumsum([0] + [len(domain.attributes[a]) for a in names])
+    self.values = np.array([[domain.attributes[a].index(p.values[a]) for a in names]
+                            for p in profiles], np.int64)  # [B, A]
+    self.types = np.array([domain.type_index(p.user_type) for p in profiles], np.int64)
+    self.decisive_index = np.array([names.index(a) for a in domain.decisive])
+    batch = len(profiles)
+    self.asked = np.zeros((batch, self.num_attributes), bool)
+    self.turns = np.zeros(batch, np.int64)
+    self.done = np.zeros(batch, bool)
+    self.success = np.zeros(batch, bool)
+    self.hit_cap = np.zeros(batch, bool)
+    self.belief_history = np.zeros((batch, turn_cap + 1, domain.num_types))
+    self.belief_history[:] = self.beliefs()[:, None, :]
+
+  @property
+  def observation_size(self) -> int:
+    return int(self.offsets[-1]) + self.num_attributes + self.turn_cap
+
+  def heard_decisive(self) -> np.ndarray:
+    """`[batch, D]` value index of each decisive attribute the user has said, -1 otherwise."""
+    index = self.decisive_index
+    return np.where(self.asked[:, index], self.values[:, index], -1)
+
+  def beliefs(self) -> np.ndarray:
+    return self.posterior.beliefs(self.heard_decisive())
+
+  def argmax_type(self) -> np.ndarray:
+    return self.beliefs().argmax(-1)
+
+  def observation(self) -> np.ndarray:
+    batch = len(self.types)
+    out = np.zeros((batch, self.observation_size), np.float32)
+    rows, attributes = np.nonzero(self.asked)
+    out[rows, self.offsets[attributes] + self.values[rows, attributes]] = 1.0
+    out[:, self.offsets[-1]:self.offsets[-1] + self.num_attributes] = self.asked
+    turn = np.minimum(self.turns, self.turn_cap - 1)
+    out[np.arange(batch), self.offsets[-1] + self.num_attributes + turn] = 1.0
+    return out
+
+  def step(self, actions: np.ndarray) -> None:
+    """One turn for every live row (`actions [batch]` ints)."""
+    actions = np.asarray(actions, np.int64)
+    if ((actions < 0) | (actions >= self.num_actions)).any():
+      raise ValueError(f"curio discrete: actions must be in 0..{self.num_actions - 1}.")
+    live = ~self.done
+    rows = np.arange(len(actions))
+    ask = live & (actions < self.num_attributes)
+    final = live & ~ask
+    if self.argmax_recommend:
+      named = self.argmax_type()
+    else:
+      named = actions - self.num_attributes
+    self.success |= final & (named == self.types)
+    self.asked[rows[ask], actions[ask]] = True
+    self.turns += live
+    self.hit_cap |= ask & (self.turns >= self.turn_cap)
+    self.done |= final | self.hit_cap
+    belief = self.beliefs()
+    for b in rows[live]:
+      self.belief_history[b, self.turns[b]:] = belief[b]
