@@ -32,21 +32,23 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import markdown_table, median_seconds
-from persona_jax import data as pdata
+from persona_jax.hf.source import DecoderSource
+from persona_jax.train.method import Run
 from persona_jax.train.trainer import TrainConfig
 from persona_jax.user_llm import eval as eval_lib
+from persona_jax.user_llm import job as job_lib
 from persona_jax.user_llm import model as model_lib
 from persona_jax.user_llm import tasks
-from persona_jax.user_llm import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _eval_batches(job, name: str, examples, history_items: int, text: bool, batch_size: int):
-  spec = job.spec.__class__(items=job.spec.items, categories=job.spec.categories, max_length=job.spec.max_length,
-                            text_history_items=history_items if text else None, history_items=history_items,
-                            history_fields=job.spec.history_fields)
-  task = tasks.register_choice_task(name, {"eval": examples}, spec, job.vocabulary)
+def _eval_batches(method, name: str, examples, history_items: int, text: bool, batch_size: int):
+  spec = method.spec.__class__(items=method.spec.items, categories=method.spec.categories,
+                               max_length=method.spec.max_length,
+                               text_history_items=history_items if text else None,
+                               history_items=history_items, history_fields=method.spec.history_fields)
+  task = tasks.register_choice_task(name, {"eval": examples}, spec, method.vocabulary)
   max_prompt_length = -(-tasks.longest_prompt(task) // 64) * 64
   return lambda: tasks.ChoiceBatches(task, "eval", batch_size=batch_size, max_length=spec.max_length,
                                      max_prompt_length=max_prompt_length, shuffle=False, repeat=False,
@@ -102,14 +104,23 @@ def main():
   args = parser.parse_args()
 
   started = time.time()
-  data = train_lib.load_user_data("movielens")
-  vocab = pdata.get_vocabulary(args.vocabulary)
+  data = tasks.load_user_data("movielens")
+  source = (DecoderSource(pretrained=args.pretrained, vocabulary=args.vocabulary) if args.pretrained
+            else DecoderSource(pretrained=None, preset=args.model, vocabulary=args.vocabulary))
   config = TrainConfig(num_steps=args.num_steps, learning_rate=args.learning_rate, warmup_steps=5,
                        checkpoint_every=0, log_every=max(1, args.num_steps // 4), seed=args.seed)
-  common = dict(pretrained=args.pretrained, model=None if args.pretrained else args.model, vocabulary=vocab,
-                task="favorite_genre", num_options=args.num_options, shuffle_options=False,
-                batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=args.seed,
-                train_config=config, data=data, text_history_fields=("categories",))
+  common = dict(decoder=source, task="favorite_genre", num_options=args.num_options,
+                shuffle_options=False, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                seed=args.seed, data=data, text_history_fields=("categories",),
+                evaluate_untrained=False)
+
+  def build_and_train(**settings):
+    """A set-up `UserLLMMethod` trained for `config.num_steps` (no workdir); (method, model, seconds)."""
+    method = job_lib.UserLLMMethod(**common, **settings)
+    method.setup(None)
+    start = time.time()
+    fit = method.fit(Run(workdir=None, config=config))
+    return method, fit.model, time.time() - start
   results = []
 
   def record(method_name, job, model, method, trained_seconds, length):
@@ -124,24 +135,20 @@ def main():
     results.append(row)
 
   train_labels = np.asarray([example.label for example in
-                             train_lib.choice_examples(data, "favorite_genre", num_options=args.num_options,
+                             tasks.choice_examples(data, "favorite_genre", num_options=args.num_options,
                                                        examples_per_user=1, seed=args.seed,
                                                        shuffle_options=False)["train"]])
   majority = int(np.bincount(train_labels).argmax())
   for integration in ("cross_attention", "soft_prompt"):
-    job = train_lib.build_job(None, method="user_llm", integration=integration, strategy="enc",
-                              num_latents=args.num_latents, max_prompt_length=256, **common)
-    start = time.time()
-    job.trainer.train(job.train_data)
-    trained = time.time() - start
+    job, model, trained = build_and_train(method="user_llm", integration=integration, strategy="enc",
+                                          num_latents=args.num_latents, max_prompt_length=256)
     for length in args.lengths:
-      record(f"User-LLM {integration.replace('_', ' ')}", job, job.trainer.model(), "user_llm", trained, length)
+      record(f"User-LLM {integration.replace('_', ' ')}", job, model, "user_llm", trained, length)
   for length in args.lengths:
-    job = train_lib.build_job(None, method="text_prompt", strategy="full", text_history_items=length,
-                              history_items=length, max_prompt_length=None, **common)
-    start = time.time()
-    job.trainer.train(job.train_data)
-    record("text prompt", job, job.trainer.model(), "text_prompt", time.time() - start, length)
+    job, model, trained = build_and_train(method="text_prompt", strategy="full",
+                                          text_history_items=length, history_items=length,
+                                          max_prompt_length=None)
+    record("text prompt", job, model, "text_prompt", trained, length)
 
   held_out_labels = np.asarray([e.label for e in job.examples["validation"] + job.examples["test"]])
   summary = {"majority_class_accuracy": float(np.mean(held_out_labels == majority)),

@@ -1,19 +1,15 @@
-"""User-LLM evaluation: multiple-choice accuracy / Recall@K over held-out users; for review
-generation (task amazon_review) greedy generation with `persona_jax.sampling` and ROUGE-Lsum.
+"""User-LLM evaluation (a library; the jobs are in job.py): multiple-choice accuracy / Recall@K over
+held-out users; for review generation (task amazon_review) greedy generation with
+`persona_jax.sampling` and ROUGE-Lsum; the markdown table the jobs write as `eval_table.md`.
 
-Generation runs through the cross-attention path only: the user tokens go to the gated
-cross-attention hooks as `side_inputs`; the soft-prompt integration cannot generate here because
-`sampling.prefill` takes token ids, not input embeddings (build_job rejects that combination).
-
-Gin job `user_llm.evaluate` restores a trained stage-2 run from its workdir (same gin config) in a
-fresh process and prints the test-user metrics.
+Generation works with both integrations: cross-attention passes the user tokens to the gated
+cross-attention hooks as `side_inputs`; the soft prompt prefills them as input embeddings.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
-import gin
 import jax
 import numpy as np
 from flax import nnx
@@ -58,26 +54,38 @@ def _user_tokens(model: model_lib.UserLLM, features: dict):
   return model.user_tokens(features)
 
 
+@nnx.jit
+def _soft_prompt_inputs(model: model_lib.UserLLM, features: dict, prompt_tokens, prompt_mask):
+  return model.soft_prompt_inputs(features, prompt_tokens, prompt_mask)
+
+
 def generate_reviews(model: nnx.Module, batch: dict, method: str, vocabulary, max_new_tokens: int
                      ) -> tuple[list[str], np.ndarray]:
   """Greedy continuations of the batch's LEFT-padded prompts, up to `max_new_tokens` tokens or EOS.
 
-  `method='user_llm'` (cross-attention integration): the user tokens of the batch's histories are
-  passed as `side_inputs` to both `sampling.prefill` and `sampling.decode`, so every prompt and
-  generated token attends to them. `method='text_prompt'`: the plain decoder.
+  `method='user_llm'`: with the cross-attention integration the user tokens of the batch's
+  histories are passed as `side_inputs` to both `sampling.prefill` and `sampling.decode`, so every
+  prompt and generated token attends to them; with the soft prompt they are prefilled as input
+  embeddings before the prompt (`sampling.prefill(..., embeddings=...)`) and stay in the cache.
+  `method='text_prompt'`: the plain decoder.
   Returns (decoded texts without the EOS, int32 `[B, max_new_tokens]` generated ids).
   """
+  prompt_tokens, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"]
+  embeddings, side_inputs = None, None
   if method == "user_llm":
-    if model.integration != "cross_attention":
-      raise ValueError("generate_reviews: only the cross-attention User-LLM can generate (sampling.prefill "
-                       "takes token ids, not the soft prompt's embeddings).")
     features = {name: batch[name] for name in (*tasks.HISTORY_FEATURES, "history_mask")}
-    decoder, side_inputs = model.decoder, {"user_tokens": _user_tokens(model, features)}
+    decoder = model.decoder
+    if model.integration == "cross_attention":
+      side_inputs = {"user_tokens": _user_tokens(model, features)}
+    else:
+      embeddings, prompt_mask = _soft_prompt_inputs(model, features, prompt_tokens, prompt_mask)
+      prompt_tokens = None
   else:
-    decoder, side_inputs = model, None
-  prompt_length = batch["prompt_tokens"].shape[1]
-  state = sampling.prefill(decoder, batch["prompt_tokens"], batch["prompt_mask"],
-                           sampling.round_up(prompt_length + max_new_tokens, 64), side_inputs=side_inputs)
+    decoder = model
+  prompt_length = prompt_mask.shape[1]
+  state = sampling.prefill(decoder, prompt_tokens, prompt_mask,
+                           sampling.round_up(prompt_length + max_new_tokens, 64),
+                           side_inputs=side_inputs, embeddings=embeddings)
   result = sampling.decode(decoder, state, max_new_tokens=max_new_tokens, stop_tokens=(vocabulary.eos_id,),
                            pad_id=vocabulary.pad_id, side_inputs=side_inputs)
   tokens, lengths, done = (np.asarray(x) for x in (result.tokens, result.lengths, result.done))
@@ -108,18 +116,16 @@ def evaluate_reviews(model: nnx.Module, batches: Iterable[dict], method: str, vo
           "examples": float(len(predictions)), "targets_truncated": float(truncated)}
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: Mapping[str, float]) -> str:
   return ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
 
 
-@gin.configurable("evaluate", module="user_llm")
-def evaluate(workdir: str, **overrides) -> dict[str, float]:
-  """Restores the latest stage-2 checkpoint of `workdir` and evaluates it on the test users."""
-  from persona_jax.user_llm.train import build_job  # train imports this module
-
-  job = build_job(workdir, **overrides)
-  if job.trainer.restore() is None:
-    raise ValueError(f"user_llm.evaluate: {workdir} holds no checkpoint; train first (user_llm.train).")
-  metrics = job.evaluate(job.trainer.model())
-  print(f"{job.description}, test users: {format_metrics(metrics)}", flush=True)
-  return metrics
+def format_table(columns: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+  """Markdown table: one row per metric, one column per model (e.g. untrained, trained)."""
+  names = sorted({name for metrics in columns.values() for name in metrics})
+  lines = [f"{title}\n" if title else "", "| metric | " + " | ".join(columns) + " |",
+           "|---|" + "---:|" * len(columns)]
+  for name in names:
+    cells = [f"{metrics[name]:.4f}" if name in metrics else "" for metrics in columns.values()]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(line for line in lines if line)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persona_jax import nn as pnn
+from persona_jax.errors import UserError
 from persona_jax.train import losses
 from persona_jax.nn.layers import GatedMLP, Linear, RMSNorm, logical_param
 
@@ -65,12 +66,12 @@ class UserEncoderConfig:
 
   def __post_init__(self):
     if self.fusion not in FUSIONS:
-      raise ValueError(f"UserEncoderConfig.fusion={self.fusion!r}; use one of {FUSIONS}.")
+      raise UserError(f"UserEncoderConfig.fusion={self.fusion!r}; use one of {FUSIONS}.")
     if not 3 <= self.num_categories <= MAX_CATEGORIES:
-      raise ValueError(f"UserEncoderConfig.num_categories={self.num_categories}: must be 3..{MAX_CATEGORIES} "
+      raise UserError(f"UserEncoderConfig.num_categories={self.num_categories}: must be 3..{MAX_CATEGORIES} "
                        f"(categories travel as int32 bits); merge rare categories into the unknown id.")
     if self.embed_dim % self.num_heads:
-      raise ValueError(f"UserEncoderConfig: embed_dim={self.embed_dim} must be a multiple of "
+      raise UserError(f"UserEncoderConfig: embed_dim={self.embed_dim} must be a multiple of "
                        f"num_heads={self.num_heads}.")
 
   def block_config(self) -> pnn.DecoderConfig:
@@ -140,7 +141,7 @@ class UserEncoder(nnx.Module):
     history_mask = features["history_mask"].astype(bool)
     length = history_mask.shape[1]
     if length > self.config.max_length:
-      raise ValueError(f"UserEncoder: history length {length} > max_length={self.config.max_length}; "
+      raise UserError(f"UserEncoder: history length {length} > max_length={self.config.max_length}; "
                        f"build features with tasks.history_features(max_length=...), which keeps the "
                        f"most recent items.")
     parts = self.feature_embeddings(features)
@@ -195,7 +196,7 @@ class CrossAttention(nnx.Module):
   def __init__(self, query_dim: int, key_dim: int, num_heads: int, *, rngs: nnx.Rngs,
                dtype=jnp.float32):
     if query_dim % num_heads:
-      raise ValueError(f"CrossAttention: query_dim={query_dim} must be a multiple of num_heads={num_heads}.")
+      raise UserError(f"CrossAttention: query_dim={query_dim} must be a multiple of num_heads={num_heads}.")
     self.num_heads = num_heads
     self.head_dim = query_dim // num_heads
     kw = dict(rngs=rngs, dtype=dtype)
@@ -285,6 +286,10 @@ class UserLLM(nnx.Module):
     lora  LoRA adapters on the decoder + user encoder + resampler + projection + cross-attention;
     enc   user encoder + resampler + projection + cross-attention (decoder frozen);
     proj  resampler + projection + cross-attention (user encoder and decoder frozen).
+
+  The given decoder is never modified: the User-LLM holds its own copy (`nnx.clone`, which shares
+  the weight arrays, so no memory is copied) and installs the cross-attention hooks and LoRA
+  adapters there (`self.decoder`).
   """
 
   def __init__(self, decoder: pnn.Decoder, encoder_config: UserEncoderConfig, *,
@@ -292,11 +297,13 @@ class UserLLM(nnx.Module):
                resampler_layers: int = 2, cross_attention_layers: Sequence[int] | None = None,
                cross_attention_heads: int | None = None, lora_rank: int = 8, seed: int = 0):
     if integration not in INTEGRATIONS:
-      raise ValueError(f"UserLLM: integration={integration!r}; use one of {INTEGRATIONS}.")
+      raise UserError(f"UserLLM: integration={integration!r}; use one of {INTEGRATIONS}.")
     if strategy not in STRATEGIES:
-      raise ValueError(f"UserLLM: strategy={strategy!r}; use one of {STRATEGIES}.")
+      raise UserError(f"UserLLM: strategy={strategy!r}; use one of {STRATEGIES}.")
     rngs = nnx.Rngs(seed)
     config = decoder.config
+    # The caller's decoder stays untouched (a frozen base may serve other models or be reused).
+    decoder = nnx.clone(decoder)
     self.integration = integration
     self.strategy = strategy
     self.num_latents = num_latents
@@ -313,12 +320,12 @@ class UserLLM(nnx.Module):
                      range(config.num_layers - 1, -1, -max(1, config.num_layers // 4)))
       bad = [layer for layer in layers if not 0 <= layer < config.num_layers]
       if bad:
-        raise ValueError(f"UserLLM: cross_attention_layers {bad} do not exist (decoder layers "
+        raise UserError(f"UserLLM: cross_attention_layers {bad} do not exist (decoder layers "
                          f"0..{config.num_layers - 1}).")
       heads = cross_attention_heads or config.num_heads
       for layer in layers:
         if decoder.layers[layer].after is not None:
-          raise ValueError(f"UserLLM: decoder layer {layer} already has an `after` hook.")
+          raise UserError(f"UserLLM: decoder layer {layer} already has an `after` hook.")
         decoder.layers[layer].after = GatedCrossAttention(config.embed_dim, heads, rngs=rngs,
                                                           dtype=config.compute_dtype)
       self.cross_attention_layers = tuple(sorted(layers))
@@ -356,14 +363,29 @@ class UserLLM(nnx.Module):
       return self.decoder(prompt_tokens, positions=pnn.positions_from_mask(prompt_mask),
                           attention_mask=pnn.padded_causal_mask(prompt_mask),
                           side_inputs={"user_tokens": user}, return_logits=False).hidden
+    embeddings, mask = self._soft_prompt(user, prompt_tokens, prompt_mask)
+    out = self.decoder(embeddings=embeddings, positions=pnn.positions_from_mask(mask),
+                       attention_mask=pnn.padded_causal_mask(mask), return_logits=False)
+    return out.hidden[:, self.num_latents:]
+
+  def _soft_prompt(self, user: jax.Array, prompt_tokens: jax.Array, prompt_mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
     config = self.decoder.config
     if config.scale_embeddings:  # the decoder multiplies every input embedding by sqrt(D)
       user = user / jnp.asarray(config.embed_dim ** 0.5, user.dtype)
     embeddings = jnp.concatenate([user, self.decoder.embed(prompt_tokens)], axis=1)
-    mask = jnp.concatenate([jnp.ones(user.shape[:2], bool), prompt_mask], axis=1)
-    out = self.decoder(embeddings=embeddings, positions=pnn.positions_from_mask(mask),
-                       attention_mask=pnn.padded_causal_mask(mask), return_logits=False)
-    return out.hidden[:, self.num_latents:]
+    mask = jnp.concatenate([jnp.ones(user.shape[:2], bool), prompt_mask.astype(bool)], axis=1)
+    return embeddings, mask
+
+  def soft_prompt_inputs(self, features: dict, prompt_tokens: jax.Array, prompt_mask: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+    """The soft-prompt integration's decoder input: `[B, M + P, D]` embeddings (the M user tokens,
+    then the embedded prompt) and their `[B, M + P]` mask. With a LEFT-padded prompt the padding sits
+    between the user tokens and the prompt, every row ends on a real token, and
+    `sampling.prefill(decoder, None, mask, ..., embeddings=embeddings)` generates from it."""
+    if self.integration != "soft_prompt":
+      raise UserError("UserLLM.soft_prompt_inputs: only the soft-prompt integration has them.")
+    return self._soft_prompt(self.user_tokens(features), prompt_tokens, prompt_mask)
 
   def __call__(self, features: dict, prompt_tokens: jax.Array, prompt_mask: jax.Array) -> jax.Array:
     """Logits `[B, P, vocab]` (fp32) of the prompt conditioned on the user (see `hidden`)."""

@@ -30,14 +30,73 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from persona_jax.data import register_in_memory_task
 from persona_jax.data import user_histories as uh
 from persona_jax.data.vocabularies import get_vocabulary, vocabulary_name
+from persona_jax.errors import UserError
 from persona_jax.user_llm.model import MAX_CATEGORIES
 
 LETTERS = "ABCDEFGHIJ"
 TASK_KINDS = ("next_movie", "favorite_genre", "amazon_rating", "amazon_review")
 REVIEW_FIELDS = ("title", "text")
 HISTORY_FEATURES = ("item_ids", "ratings", "genre_bits")
+
+
+# ------------------------------------------------------------------------------------------------
+# Users
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class UserData:
+  """Users split by user and time, and the vocabularies built on the training users."""
+  users: dict[str, list[uh.UserHistory]]
+  items: uh.ItemVocabulary
+  categories: uh.ItemVocabulary
+  catalog: dict[str, tuple[str, tuple[str, ...]]]
+  name: str
+
+
+def load_user_data(dataset: str = "movielens", *, movielens_config: str = "latest-small",
+                   amazon_dir: str | None = None, tfds_data_dir: str | None = None,
+                   seed: int = 0) -> UserData:
+  """MovieLens (TFDS) or the Amazon 2023 slice as `UserData`.
+
+  The item vocabulary holds the training users' items (their held-out items too); items only seen in
+  held-out users encode as the unknown id. Categories: the 29 most frequent (others: unknown).
+  """
+  if dataset == "movielens":
+    users = uh.load_movielens_histories(movielens_config, seed=seed, data_dir=tfds_data_dir)
+    catalog = uh.load_movielens_catalog(movielens_config, data_dir=tfds_data_dir)
+    name = f"movielens_{movielens_config.replace('-', '_')}"
+  elif dataset == "amazon":
+    users = uh.load_amazon_histories(amazon_dir)
+    catalog = {item.item_id: (item.title, item.categories) for split in users.values()
+               for user in split for item in user.interactions + user.heldout}
+    name = "amazon2023"
+  else:
+    raise UserError(f"user_llm.data.dataset={dataset!r}; use 'movielens' or 'amazon'.")
+  items = uh.ItemVocabulary.from_histories(users["train"], include_heldout=True)
+  all_categories = uh.ItemVocabulary.from_histories(users["train"], field="categories",
+                                                    include_heldout=True)
+  categories = uh.ItemVocabulary(all_categories.ids[2:MAX_CATEGORIES])
+  return UserData(users, items, categories, catalog, name)
+
+
+def choice_examples(data: UserData, task_kind: str, *, num_options: int, examples_per_user: int,
+                    seed: int, shuffle_options: bool = True) -> dict[str, list[ChoiceExample]]:
+  """Examples of `task_kind` for each split (training users: `examples_per_user` cut points)."""
+  if task_kind == "next_movie":
+    return {split: next_movie_examples(users, data.catalog, num_options=num_options,
+                                       examples_per_user=examples_per_user if split == "train" else 1,
+                                       seed=seed)
+            for split, users in data.users.items()}
+  if task_kind == "favorite_genre":
+    genres = list(data.categories.ids[2:])
+    return {split: favorite_genre_examples(users, genres, num_options=num_options, seed=seed,
+                                           shuffle_options=shuffle_options)
+            for split, users in data.users.items()}
+  if task_kind == "amazon_rating":
+    return {split: amazon_rating_examples(users) for split, users in data.users.items()}
+  raise UserError(f"user_llm.job.task={task_kind!r}; use one of {TASK_KINDS}.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,7 +119,7 @@ def history_example(interactions: Sequence[uh.Interaction], items: uh.ItemVocabu
     item_ids, ratings, genre_bits: int32 [min(len, max_length)]; num_truncated: int32 scalar.
   """
   if len(categories) > MAX_CATEGORIES:
-    raise ValueError(f"history_example: the category vocabulary has {len(categories)} ids, more than "
+    raise UserError(f"history_example: the category vocabulary has {len(categories)} ids, more than "
                      f"{MAX_CATEGORIES}; build it with min_count= so rare categories map to unknown.")
   dropped = max(0, len(interactions) - max_length)
   kept = interactions[dropped:]
@@ -82,7 +141,7 @@ def pad_histories(examples: Sequence[dict], max_length: int) -> dict[str, np.nda
   for row, example in enumerate(examples):
     length = len(example["item_ids"])
     if length > max_length:
-      raise ValueError(f"pad_histories: a history has {length} items > max_length={max_length}; build it "
+      raise UserError(f"pad_histories: a history has {length} items > max_length={max_length}; build it "
                        f"with history_example(max_length=...).")
     for name in HISTORY_FEATURES:
       batch[name][row, :length] = example[name]
@@ -100,12 +159,12 @@ def answer_tokens(vocabulary: seqio.Vocabulary, num_options: int) -> tuple[str, 
   vocabulary it is "A", "B", ... after "Answer: ".
   """
   if num_options > len(LETTERS):
-    raise ValueError(f"num_options={num_options} > {len(LETTERS)} letters.")
+    raise UserError(f"num_options={num_options} > {len(LETTERS)} letters.")
   for suffix, template in (("Answer:", " {}"), ("Answer: ", "{}")):
     ids = [vocabulary.encode(template.format(letter)) for letter in LETTERS[:num_options]]
     if all(len(tokens) == 1 for tokens in ids):
       return suffix, np.asarray([tokens[0] for tokens in ids], np.int32)
-  raise ValueError(f"vocabulary {vocabulary_name(vocabulary)} has no single-token answer letters.")
+  raise UserError(f"vocabulary {vocabulary_name(vocabulary)} has no single-token answer letters.")
 
 
 def choice_prompt(question: str, options: Sequence[str], suffix: str, history_text: str | None = None) -> str:
@@ -180,7 +239,7 @@ def favorite_genre_examples(users: Sequence[uh.UserHistory], genres: Sequence[st
   for user in users:
     sequence = user.interactions + user.heldout
     if len(sequence) <= future_items:
-      raise ValueError(f"favorite_genre: user {user.user_id!r} has {len(sequence)} items, not more than "
+      raise UserError(f"favorite_genre: user {user.user_id!r} has {len(sequence)} items, not more than "
                        f"future_items={future_items}.")
     counts: dict[str, int] = {}
     for item in sequence[-future_items:]:
@@ -197,7 +256,7 @@ def favorite_genre_examples(users: Sequence[uh.UserHistory], genres: Sequence[st
       examples.append(ChoiceExample(user.user_id, sequence[:-future_items], question, tuple(options), label))
       continue
     if not counts:
-      raise ValueError(f"favorite_genre: user {user.user_id!r}'s last {future_items} items have no genres.")
+      raise UserError(f"favorite_genre: user {user.user_id!r}'s last {future_items} items have no genres.")
     favorite = min(counts, key=lambda genre: (-counts[genre], genre))
     rng = _rng(seed, user.user_id, "genre")
     others = [genre for genre in genres if genre not in counts]
@@ -220,7 +279,7 @@ def amazon_rating_examples(users: Sequence[uh.UserHistory]) -> list[ChoiceExampl
     target = user.heldout[0]
     rating = int(round(target.rating))
     if not 1 <= rating <= 5:
-      raise ValueError(f"amazon_rating: user {user.user_id!r} held-out rating {target.rating} is not 1..5.")
+      raise UserError(f"amazon_rating: user {user.user_id!r} held-out rating {target.rating} is not 1..5.")
     examples.append(ChoiceExample(user.user_id, user.interactions,
                                   f"How many stars will the user give \"{target.title}\"?",
                                   tuple(f"{stars} star{'s' if stars > 1 else ''}" for stars in range(1, 6)),
@@ -249,13 +308,13 @@ def amazon_review_examples(users: Sequence[uh.UserHistory], field: str = "title"
   score): remove the row from the file or pick the other `field`.
   """
   if field not in REVIEW_FIELDS:
-    raise ValueError(f"amazon_review: review_field={field!r}; use one of {REVIEW_FIELDS}.")
+    raise UserError(f"amazon_review: review_field={field!r}; use one of {REVIEW_FIELDS}.")
   examples = []
   for user in users:
     target = user.heldout[0]
     text = (target.review_title if field == "title" else target.review_text).strip()
     if not text:
-      raise ValueError(f"amazon_review: user {user.user_id!r}'s held-out review has an empty {field}; remove "
+      raise UserError(f"amazon_review: user {user.user_id!r}'s held-out review has an empty {field}; remove "
                        f"that row or use review_field='{'text' if field == 'title' else 'title'}'.")
     examples.append(ReviewExample(user.user_id, user.interactions, review_prompt(target.title, field), text))
   return examples
@@ -290,10 +349,11 @@ def encode_example(example: ChoiceExample, spec: ChoiceTaskSpec, suffix: str, op
               options=option_ids[:len(example.options)], label=np.int32(example.label))
 
 
-def register_choice_task(name: str, examples_by_split: dict[str, Sequence[ChoiceExample]],
+def register_choice_task(prefix: str, examples_by_split: dict[str, Sequence[ChoiceExample]],
                          spec: ChoiceTaskSpec, vocabulary) -> str:
-  """Registers a SeqIO task over in-memory examples (`prompt` tokenized by `vocabulary`); re-registering
-  a name replaces it. Returns the name; `longest_prompt(name)` gives its longest prompt in tokens."""
+  """Registers a SeqIO task over in-memory examples (`prompt` tokenized by `vocabulary`) named
+  `<prefix>.<vocabulary>.<content hash>` (the same examples give the same task). Returns the name;
+  `longest_prompt(name)` gives its longest prompt in tokens."""
   vocabulary = get_vocabulary(vocabulary)
   num_options = {len(example.options) for examples in examples_by_split.values() for example in examples}
   suffix, option_ids = answer_tokens(vocabulary, max(num_options) if num_options else 2)
@@ -304,31 +364,21 @@ def register_choice_task(name: str, examples_by_split: dict[str, Sequence[Choice
                **{feature: tf.TensorSpec([None], tf.int32) for feature in HISTORY_FEATURES}}
 
   features = {"prompt": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)}
-  return _register_in_memory_task(name, encoded, signature, features, [seqio.preprocessors.tokenize],
-                                  vocabulary)
+  return _register_prompt_task(prefix, encoded, signature, features, [seqio.preprocessors.tokenize],
+                               vocabulary)
 
 
-def _register_in_memory_task(name: str, encoded: dict[str, list[dict]], signature: dict,
-                             features: dict, preprocessors: list, vocabulary) -> str:
-  """Registers (replacing) a SeqIO task over in-memory rows `{split: [row, ...]}`; returns `name`.
-
-  The task records `longest_prompt` (tokens of its longest prompt) for the batchers' length check.
-  """
-
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed  # one in-memory "file"; the task shuffles examples
-    rows = encoded[split]
-    return tf.data.Dataset.from_generator(lambda: iter(rows), output_signature=signature)
-
-  source = seqio.FunctionDataSource(dataset_fn, splits=tuple(encoded),
-                                    num_input_examples={split: len(rows) for split, rows in encoded.items()})
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  task = seqio.Task(name, source=source, output_features=features, preprocessors=preprocessors,
-                    shuffle_buffer_size=10_000)
-  task.longest_prompt = max((len(vocabulary.encode(row["prompt"])) for rows in encoded.values() for row in rows),
-                            default=0)
-  seqio.TaskRegistry.add_provider(name, task)
+def _register_prompt_task(prefix: str, encoded: dict[str, list[dict]], signature: dict,
+                          features: dict, preprocessors: list, vocabulary) -> str:
+  """`persona_jax.data.register_in_memory_task` over rows `{split: [row, ...]}` with a text `prompt`
+  (tokenized by the task); the name is `<prefix>.<vocabulary>.<hash of the rows>`. The task records
+  `longest_prompt` (tokens of its longest prompt) for the batchers' length check."""
+  name = register_in_memory_task(f"{prefix}.{vocabulary_name(vocabulary)}", encoded, signature,
+                                 output_features=features, preprocessors=preprocessors)
+  task = seqio.get_mixture_or_task(name)
+  if not hasattr(task, "longest_prompt"):
+    task.longest_prompt = max((len(vocabulary.encode(row["prompt"])) for rows in encoded.values()
+                               for row in rows), default=0)
   return name
 
 
@@ -337,12 +387,12 @@ def longest_prompt(task: str) -> int:
   return seqio.get_mixture_or_task(task).longest_prompt
 
 
-def register_next_item_task(name: str, users_by_split: dict[str, Sequence[uh.UserHistory]],
+def register_next_item_task(prefix: str, users_by_split: dict[str, Sequence[uh.UserHistory]],
                             items: uh.ItemVocabulary, categories: uh.ItemVocabulary, max_length: int) -> str:
   """Encoder pretraining task: every user's full sequence (context + held-out) cut into consecutive
   windows of at most `max_length` items (the last window ends at the newest item), so no item is
   dropped; windows shorter than 2 items (nothing to predict) are left out, counted in the task's
-  `dropped_windows` attribute."""
+  `dropped_windows` attribute. The name is `<prefix>.<content hash>`."""
   windows: dict[str, list[dict]] = {}
   dropped = 0
   for split, users in users_by_split.items():
@@ -358,18 +408,8 @@ def register_next_item_task(name: str, users_by_split: dict[str, Sequence[uh.Use
     windows[split] = rows
   signature = {feature: tf.TensorSpec([None], tf.int32) for feature in HISTORY_FEATURES}
   signature["num_truncated"] = tf.TensorSpec([], tf.int32)
-
-  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    del shuffle_files, seed
-    return tf.data.Dataset.from_generator(lambda: iter(windows[split]), output_signature=signature)
-
-  source = seqio.FunctionDataSource(dataset_fn, splits=tuple(windows),
-                                    num_input_examples={split: len(rows) for split, rows in windows.items()})
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  task = seqio.Task(name, source=source, output_features={}, preprocessors=[], shuffle_buffer_size=10_000)
-  seqio.TaskRegistry.add_provider(name, task)
-  task.dropped_windows = dropped
+  name = register_in_memory_task(prefix, windows, signature)
+  seqio.get_mixture_or_task(name).dropped_windows = dropped
   return name
 
 
@@ -430,7 +470,7 @@ def collate(rows: Sequence[dict], max_length: int, max_prompt_length: int | None
     longest = max(len(row["prompt"]) for row in rows)
     width = longest if max_prompt_length is None else max_prompt_length
     if longest > width:
-      raise ValueError(f"a prompt has {longest} tokens > max_prompt_length={width}: raise "
+      raise UserError(f"a prompt has {longest} tokens > max_prompt_length={width}: raise "
                        f"max_prompt_length (prompts are never cut).")
     batch["prompt_tokens"] = np.zeros((len(rows), width), np.int32)
     batch["prompt_mask"] = np.zeros((len(rows), width), bool)
@@ -448,11 +488,11 @@ def collate(rows: Sequence[dict], max_length: int, max_prompt_length: int | None
 # ------------------------------------------------------------------------------------------------
 # Review generation (amazon_review)
 # ------------------------------------------------------------------------------------------------
-def register_review_task(name: str, examples_by_split: dict[str, Sequence[ReviewExample]], spec: ChoiceTaskSpec,
+def register_review_task(prefix: str, examples_by_split: dict[str, Sequence[ReviewExample]], spec: ChoiceTaskSpec,
                          vocabulary) -> str:
   """Registers a SeqIO task over in-memory review examples: `prompt` tokenized without EOS, `target`
   tokenized with EOS (so the model learns to stop); the untokenized target stays as
-  `target_pretokenized` (the ROUGE reference). Re-registering a name replaces it. Returns the name."""
+  `target_pretokenized` (the ROUGE reference). Named as `register_choice_task`; returns the name."""
   vocabulary = get_vocabulary(vocabulary)
   encoded = {}
   for split, examples in examples_by_split.items():
@@ -475,8 +515,8 @@ def register_review_task(name: str, examples_by_split: dict[str, Sequence[Review
 
   features = {"prompt": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
               "target": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)}
-  return _register_in_memory_task(
-      name, encoded, signature, features,
+  return _register_prompt_task(
+      prefix, encoded, signature, features,
       [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos], vocabulary)
 
 
@@ -533,7 +573,7 @@ def rouge_lsum(predictions: Sequence[str], references: Sequence[str]) -> float:
   from rouge_score import rouge_scorer
 
   if len(predictions) != len(references) or not predictions:
-    raise ValueError(f"rouge_lsum: {len(predictions)} predictions for {len(references)} references.")
+    raise UserError(f"rouge_lsum: {len(predictions)} predictions for {len(references)} references.")
   scorer = rouge_scorer.RougeScorer(["rougeLsum"])
   return float(np.mean([scorer.score(reference, prediction)["rougeLsum"].fmeasure
                         for prediction, reference in zip(predictions, references)]))

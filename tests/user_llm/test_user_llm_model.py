@@ -75,6 +75,28 @@ def test_zero_gate_leaves_decoder_logits_exactly_unchanged():
   assert not np.allclose(np.asarray(model(features(), tokens, mask)), np.asarray(expected))
 
 
+@pytest.mark.parametrize("strategy", ["enc", "lora"])
+def test_user_llm_leaves_the_given_decoder_untouched(strategy):
+  decoder = _decoder()
+  tokens, mask = prompt_batch()
+  run = lambda d: np.asarray(d(tokens, positions=pnn.positions_from_mask(mask),
+                               attention_mask=pnn.padded_causal_mask(mask)).logits)
+  paths, expected = _paths(nnx.state(decoder)), run(decoder)
+  model = m.UserLLM(decoder, CONFIG, integration="cross_attention", strategy=strategy,
+                    cross_attention_layers=[0, 1], lora_rank=2)
+  # The User-LLM's own copy got the hooks (and adapters); the caller's decoder has none of them.
+  assert all(model.decoder.layers[layer].after is not None for layer in (0, 1))
+  assert all(layer.after is None for layer in decoder.layers)
+  assert _paths(nnx.state(decoder)) == paths
+  if strategy == "lora":
+    assert nnx.state(model.decoder, nnx.LoRAParam) and not nnx.state(decoder, nnx.LoRAParam)
+  np.testing.assert_array_equal(run(decoder), expected)
+  # The same decoder can build a second User-LLM (an `after` hook already there would be refused).
+  m.UserLLM(decoder, CONFIG, integration="cross_attention", cross_attention_layers=[0, 1])
+  # The weights are shared, not copied.
+  assert model.decoder.embedding[...] is decoder.embedding[...]
+
+
 def test_perceiver_output_shape_does_not_depend_on_history_length():
   resampler = m.PerceiverResampler(32, num_latents=5, num_layers=2, num_heads=4, rngs=nnx.Rngs(0))
   for length in (1, 4, 12, 50):

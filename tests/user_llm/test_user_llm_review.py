@@ -20,8 +20,10 @@ from persona_jax.data import get_vocabulary
 from persona_jax.data import user_histories as uh
 from persona_jax.user_llm import eval as eval_lib
 from persona_jax.user_llm import model as m
+from persona_jax.errors import UserError
+from persona_jax.hf.source import DecoderSource
+from persona_jax.user_llm import job as job_lib
 from persona_jax.user_llm import tasks
-from persona_jax.user_llm import train as train_lib
 
 GIN = pathlib.Path(__file__).resolve().parents[2] / "gin"
 BYTES = get_vocabulary("bytes")
@@ -114,7 +116,7 @@ def tiny_user_llm():
                                mlp_dim=64, max_length=6)
   model = m.UserLLM(decoder, config, integration="cross_attention", num_latents=4, resampler_layers=1)
   for layer in model.cross_attention_layers:  # open the gates so the user tokens matter
-    hook = decoder.layers[layer].after
+    hook = model.decoder.layers[layer].after
     hook.attn_gate[...] = jnp.float32(2.0)
     hook.mlp_gate[...] = jnp.float32(2.0)
   return model
@@ -180,21 +182,50 @@ def test_rouge_lsum_on_hand_examples():
     tasks.rouge_lsum(["a", "b"], ["a"])
 
 
-def test_build_job_rejects_review_generation_with_the_soft_prompt():
-  items = uh.ItemVocabulary.from_histories(USERS, include_heldout=True)
-  data = train_lib.UserData({"train": USERS, "test": USERS}, items, uh.ItemVocabulary(["Beauty"]), {}, "fake")
-  with pytest.raises(ValueError, match="integration='cross_attention'"):
-    train_lib.build_job(None, data=data, pretrained=None, model="tiny_llama", vocabulary="bytes",
-                        task="amazon_review", integration="soft_prompt")
+def test_soft_prompt_generation_equals_a_step_by_step_reference():
+  """The soft prompt generates: prefill of the user tokens + prompt as embeddings, then cached decoding,
+  gives exactly the tokens of greedy decoding without a cache (the whole sequence through
+  `UserLLM.__call__` at every step)."""
+  decoder = pnn.build_decoder(pnn.get_config("tiny_llama", vocab_size=BYTES.vocab_size), 0)
+  config = m.UserEncoderConfig(num_items=40, num_categories=8, embed_dim=32, num_layers=1, num_heads=4,
+                               mlp_dim=64, max_length=6)
+  model = m.UserLLM(decoder, config, integration="soft_prompt", num_latents=4, resampler_layers=1)
+  batch, steps = _batch(), 6
+  texts, generated = eval_lib.generate_reviews(model, batch, "user_llm", BYTES, steps)
+  forward = nnx.jit(lambda model, *args: model(*args))
+  tokens, mask, reference = batch["prompt_tokens"], batch["prompt_mask"], []
+  for _ in range(steps):
+    next_token = np.asarray(forward(model, batch, tokens, mask))[:, -1].argmax(-1).astype(np.int32)
+    reference.append(next_token)
+    tokens = np.concatenate([tokens, next_token[:, None]], 1)
+    mask = np.concatenate([mask, np.ones((2, 1), bool)], 1)
+  reference = np.stack(reference, 1)
+  for row in range(2):
+    stop = np.flatnonzero(reference[row] == BYTES.eos_id)
+    length = int(stop[0]) + 1 if stop.size else steps
+    np.testing.assert_array_equal(generated[row, :length], reference[row, :length])
+    assert texts[row] == BYTES.decode([int(t) for t in reference[row, :length] if t != BYTES.eos_id])
+  # Another user's history changes what is generated from the same prompt (the user tokens count).
+  other = {**batch, "item_ids": np.where(batch["history_mask"], 2, 0).astype(np.int32)}
+  logits = np.asarray(forward(model, batch, batch["prompt_tokens"], batch["prompt_mask"]))
+  logits_other = np.asarray(forward(model, other, batch["prompt_tokens"], batch["prompt_mask"]))
+  assert not np.allclose(logits, logits_other, atol=1e-4)
+  # The job takes review generation with either integration.
+  source = DecoderSource(pretrained=None, preset="tiny_llama", vocabulary="bytes")
+  job_lib.UserLLMMethod(decoder=source, task="amazon_review", integration="soft_prompt")
 
 
 @pytest.mark.slow
 def test_review_smoke_run_lowers_the_target_loss_and_scores_rouge(tmp_path, shared_dir):
   del shared_dir  # the Amazon slice lives there
   workdir = tmp_path / "run"
-  main_lib.run_main([str(GIN / "user_llm_review_smoke.gin")], ["TrainConfig.num_steps = 30"], str(workdir))
+  main_lib.run_main([str(GIN / "user_llm_review_smoke.gin")],
+                    ["TrainConfig.num_steps = 30", "TrainConfig.eval_every = 15"], str(workdir))
   metrics = json.loads((workdir / "final_metrics.json").read_text())
   assert metrics["step"] == 30
-  assert metrics["eval"]["target_ce"] < metrics["untrained"]["target_ce"] - 1.0
+  assert "eval/rougeLsum" in metrics["periodic_eval"]  # TrainConfig.eval_every is honoured
+  table = json.loads((workdir / "eval_table.json").read_text())
+  assert metrics["eval"]["target_ce"] < table["columns"]["untrained"]["target_ce"] - 1.0
   assert metrics["eval"]["examples"] == 23
   assert 0.0 <= metrics["eval"]["rougeLsum"] <= 1.0
+  assert len(table["samples"]) == 3 and "generated:" in (workdir / "eval_table.md").read_text()
