@@ -65,34 +65,124 @@ class User:
     return "\n".join([f"Persona: {fact}" for fact in self.persona] + list(self.history)) + "\n"
 
 
+def _utf8_lines(path: pathlib.Path, bad: list[str]) -> list[str]:
+  """The file's lines (newlines kept), decoded as UTF-8; a line that is not UTF-8 is named in `bad`
+  (`<file>:<line>: not UTF-8 ...`) and decoded with replacement characters so the other rows are still
+  checked (collect-then-raise, as `persona_jax.data.user_histories.read_amazon_jsonl`)."""
+  lines = []
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, 1):
+      try:
+        lines.append(raw.decode("utf-8"))
+      except UnicodeDecodeError as error:
+        bad.append(f"{path}:{line_number}: not UTF-8 (byte {raw[error.start]:#04x} at column "
+                   f"{error.start + 1}); re-encode the file as UTF-8 or remove that line.")
+        lines.append(raw.decode("utf-8", errors="replace"))
+  return lines
+
+
+def _raise_bad_rows(path: pathlib.Path, bad: list[str], num_rows: int) -> None:
+  """One UserError: the first bad row's message, then every bad row of the file (file:line each)."""
+  if not bad:
+    return
+  listed = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more." if len(bad) > 20 else "")
+  more = f"\n({len(bad)} bad rows of {num_rows} in {path}:\n{listed})" if len(bad) > 1 else ""
+  raise UserError(bad[0] + more + "\nFix or remove these rows (nothing is skipped silently).")
+
+
 def _persona_chat_rows(path: pathlib.Path) -> list[dict]:
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
-  needed = {"user 2 personas", "Best Generated Conversation"}
-  if rows and not needed <= set(rows[0]):
-    raise UserError(f"{path}: columns {sorted(rows[0])} lack {sorted(needed - set(rows[0]))}; expected the "
-                     "Synthetic-Persona-Chat CSV.")
-  return [{"id": f"spc_{path.stem.split('_')[-1]}_{index}",
-           "persona": [s.strip() for s in row["user 2 personas"].splitlines() if s.strip()],
-           "turns": [t.strip() for t in row["Best Generated Conversation"].splitlines() if t.strip()]}
-          for index, row in enumerate(rows)]
+  """Synthetic-Persona-Chat CSV rows -> {"id", "persona", "turns", "where"}. Every bad row (not UTF-8,
+  too few or too many fields, a persona or conversation cell that is not text, an exact duplicate of
+  an earlier row) is named as `<file>:<line>` in one UserError; an empty conversation is not an error
+  (its user has no turns: `load_users` counts and reports it as skipped)."""
+  bad: list[str] = []
+  lines = _utf8_lines(path, bad)
+  reader = csv.DictReader(lines)
+  needed = ("user 2 personas", "Best Generated Conversation")
+  header = reader.fieldnames or []
+  if not set(needed) <= set(header):
+    raise UserError(f"{path}: columns {sorted(header)} lack {sorted(set(needed) - set(header))}; "
+                    "expected the Synthetic-Persona-Chat CSV.")
+  rows, first_line_of = [], {}
+  previous_end, num_rows = reader.line_num, 0
+  for index, row in enumerate(reader):
+    num_rows += 1
+    line_number, previous_end = previous_end + 1, reader.line_num  # a quoted cell spans lines
+    where = f"{path}:{line_number}"
+    if None in row:  # more cells than the header: csv puts the rest under the key None
+      bad.append(f"{where}: row has {len(header) + len(row[None])} fields, the header has "
+                 f"{len(header)}; a cell with a comma or newline must be quoted.")
+      continue
+    short = [name for name in header if row.get(name) is None]
+    if short:
+      bad.append(f"{where}: short row: it has {len(header) - len(short)} of the header's "
+                 f"{len(header)} fields (missing {short}).")
+      continue
+    key = (row["user 2 personas"], row["Best Generated Conversation"])
+    if key in first_line_of and key[1].strip():
+      bad.append(f"{where}: duplicate of the row at line {first_line_of[key]} (same persona and "
+                 "conversation); remove one.")
+      continue
+    first_line_of.setdefault(key, line_number)
+    rows.append({"id": f"spc_{path.stem.split('_')[-1]}_{index}", "where": where,
+                 "persona": [s.strip() for s in row["user 2 personas"].splitlines() if s.strip()],
+                 "turns": [t.strip() for t in row["Best Generated Conversation"].splitlines()
+                           if t.strip()]})
+  _raise_bad_rows(path, bad, num_rows)
+  return rows
 
 
 def _mathdial_rows(path: pathlib.Path) -> list[dict]:
-  rows = []
-  with open(path) as f:
-    for line_number, line in enumerate(f, 1):
-      try:
-        row = json.loads(line)
-        profile, conversation, qid = row["student_profile"], row["conversation"], row["qid"]
-      except (json.JSONDecodeError, KeyError) as error:
-        raise UserError(f"{path}:{line_number}: not a MathDial row ({error!r}); expected JSON with "
-                         "student_profile, conversation and qid.") from None
-      persona = [s.strip() + "." for s in profile.split(".") if s.strip()]
-      # Turns look like "Teacher: (generic)Hi ..."; drop the move annotation in parentheses.
-      turns = [re.sub(r"^(Teacher|Student):\s*\([a-z]+\)", r"\1: ", t.strip()).replace(":  ", ": ")
-               for t in conversation.split("|EOM|") if t.strip()]
-      rows.append({"id": f"mathdial_{qid}", "persona": persona, "turns": turns})
+  """MathDial JSONL rows -> {"id", "persona", "turns", "where"}. Every bad row (not UTF-8, not JSON, a
+  field missing or null or of the wrong type, a qid that is not an integer >= 0, an exact duplicate
+  of an earlier row) is named as `<file>:<line>` in one UserError. Several conversations may share a
+  question (qid): the first keeps the id `mathdial_<qid>`, later ones get `mathdial_<qid>_<n>`."""
+  bad: list[str] = []
+  rows, first_line_of, seen_qids = [], {}, collections.Counter()
+  num_rows = 0
+  for line_number, line in enumerate(_utf8_lines(path, bad), 1):
+    if not line.strip():
+      continue
+    num_rows += 1
+    where = f"{path}:{line_number}"
+    if "\ufffd" in line and any(entry.startswith(where + ":") for entry in bad):
+      continue  # named above as not UTF-8
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      bad.append(f"{where}: malformed JSON ({error.msg} at column {error.colno}); fix or remove that "
+                 "line.")
+      continue
+    if not isinstance(row, dict):
+      bad.append(f"{where}: a row must be a JSON object, got {type(row).__name__}.")
+      continue
+    missing = [key for key in ("student_profile", "conversation", "qid") if key not in row]
+    if missing:
+      bad.append(f"{where}: not a MathDial row: missing field(s) {missing}; expected JSON with "
+                 "student_profile, conversation and qid.")
+      continue
+    problems = [f"field {key!r} must be a string, got {row[key]!r}"
+                for key in ("student_profile", "conversation") if not isinstance(row[key], str)]
+    qid = row["qid"]
+    if isinstance(qid, bool) or not isinstance(qid, int) or qid < 0:
+      problems.append(f"field 'qid' must be an integer >= 0, got {qid!r}")
+    if problems:
+      bad.append(f"{where}: " + "; ".join(problems) + ".")
+      continue
+    key = (qid, row["student_profile"], row["conversation"])
+    if key in first_line_of:
+      bad.append(f"{where}: duplicate of the row at line {first_line_of[key]} (same qid, "
+                 "student_profile and conversation); remove one.")
+      continue
+    first_line_of[key] = line_number
+    seen_qids[qid] += 1
+    persona = [s.strip() + "." for s in row["student_profile"].split(".") if s.strip()]
+    # Turns look like "Teacher: (generic)Hi ..."; drop the move annotation in parentheses.
+    turns = [re.sub(r"^(Teacher|Student):\s*\([a-z]+\)", r"\1: ", t.strip()).replace(":  ", ": ")
+             for t in row["conversation"].split("|EOM|") if t.strip()]
+    suffix = "" if seen_qids[qid] == 1 else f"_{seen_qids[qid]}"
+    rows.append({"id": f"mathdial_{qid}{suffix}", "where": where, "persona": persona, "turns": turns})
+  _raise_bad_rows(path, bad, num_rows)
   return rows
 
 
@@ -148,16 +238,26 @@ def load_users(dataset: str, data_dir: str | os.PathLike, split: str, num_users:
   if dataset == "mathdial" and split == "test":
     rows = rows[::-1]  # dev users from the front, test users from the back: disjoint for small counts
   speaker = SPEAKERS[dataset][0]
-  users = []
+  users, skipped = [], []
   for row in rows:
     if len(users) == num_users:
       break
     user = _make_user(row, speaker, history_fraction, context_turns, responses_per_user)
     if user.held_out and user.history:
       users.append(user)
+    else:  # never skipped silently: counted and reported below
+      why = ("no turns" if not row["turns"] else "no history before the cut" if not user.history
+             else f"no {speaker} turn after the cut")
+      skipped.append(f"{row['where']} ({row['id']}: {why})")
+  if skipped:
+    listed = "; ".join(skipped[:10]) + (f"; ... and {len(skipped) - 10} more" if len(skipped) > 10
+                                        else "")
+    print(f"milp: {dataset} {split}: skipped {len(skipped)} of the {len(users) + len(skipped)} users "
+          f"read (no held-out response or no history at history_fraction={history_fraction}): "
+          f"{listed}", flush=True)
   if len(users) < num_users:
     raise UserError(f"{path}: only {len(users)} users with history and held-out responses for split "
-                     f"{split!r}, {num_users} requested; lower num_users.")
+                     f"{split!r} ({len(skipped)} skipped), {num_users} requested; lower num_users.")
   return users
 
 
