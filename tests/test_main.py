@@ -65,11 +65,11 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
   empty = tmp_path / "empty_tfds"
   empty.mkdir()
   proc = _run_main("--gin_file=gin/pretrain.gin", f"--workdir={tmp_path / 'run'}",
-                   f"--gin_bindings=pretrain.train.tfds_data_dir='{empty}'",
+                   f"--gin_bindings=pretrain.job.tfds_data_dir='{empty}'",
                    "--gin_bindings=TrainConfig.num_steps=2")
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
-  assert re.search(r"error: FileNotFoundError: TFDS dataset 'tiny_shakespeare.*' is not prepared.*Fix:",
+  assert re.search(r"error: MissingFileError: TFDS dataset 'tiny_shakespeare.*' is not prepared.*Fix:",
                    proc.stderr), proc.stderr[-2000:]
 
 
@@ -79,7 +79,7 @@ def test_pretrain_end_to_end_loss_goes_down(tmp_path):
   proc = _run_main("--gin_file=gin/pretrain.gin", f"--workdir={workdir}",
                    "--gin_bindings=TrainConfig.num_steps=30", "--gin_bindings=TrainConfig.log_every=5",
                    "--gin_bindings=TrainConfig.eval_every=0", "--gin_bindings=TrainConfig.checkpoint_every=20",
-                   "--gin_bindings=pretrain.train.sequence_length=64")
+                   "--gin_bindings=pretrain.job.sequence_length=64")
   assert proc.returncode == 0, proc.stderr[-3000:]
   losses = {int(m.group(1)): float(m.group(2))
             for m in re.finditer(r"step (\d+)/30 \| loss ([\d.]+)", proc.stdout)}
@@ -87,9 +87,45 @@ def test_pretrain_end_to_end_loss_goes_down(tmp_path):
   assert losses[30] < losses[5] - 0.5
   assert "Compile-time memory analysis" in proc.stdout
   final = json.loads((workdir / "final_metrics.json").read_text())
-  assert final["step"] == 30 and final["eval"]["eval/loss"] < math.log(259) - 1.0
+  assert final["step"] == 30 and final["eval"]["loss"] < math.log(259) - 1.0
   config = (workdir / "config.gin").read_text()
-  assert "run.job = @pretrain.train" in config and "TrainConfig.num_steps = 30" in config
-  assert "train.sequence_length = 64" in config  # operative: what the job actually used
+  assert "run.job = @train" in config and "run.method = 'pretrain'" in config
+  assert "TrainConfig.num_steps = 30" in config
+  assert "pretrain.job.sequence_length = 64" in config  # operative: what the job actually used
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]
+
+
+RAISING_GIN = "--gin_file=tests/main_raising_job.gin"
+
+
+def test_a_bug_inside_a_job_keeps_its_traceback(tmp_path):
+  """A non-UserError raised by a job is a bug: the full traceback, through the job's own frame."""
+  proc = _run_main(RAISING_GIN, f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode != 0, proc.stderr[-3000:]  # Python's exit status for an uncaught exception
+  assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
+  assert "RuntimeError: deliberate bug inside a job" in proc.stderr
+  assert re.search(r"main_raising_job\.py\", line \d+, in _raise_bug", proc.stderr), proc.stderr[-3000:]
+  assert "(run with --traceback" not in proc.stderr  # not dressed up as a user's mistake
+
+
+def test_a_user_error_inside_a_job_is_one_line_and_exit_1(tmp_path):
+  proc = _run_main(RAISING_GIN, f"--workdir={tmp_path / 'run'}",
+                   "--gin_bindings=raising_job.error = 'user'")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == ["error: UserError: deliberate user mistake inside a job; fix: bind "
+                    "raising_job.error = 'none'"], proc.stderr[-3000:]
+  # --traceback shows it in full.
+  proc = _run_main(RAISING_GIN, f"--workdir={tmp_path / 'run'}", "--traceback",
+                   "--gin_bindings=raising_job.error = 'user'")
+  assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+
+
+def test_the_raising_job_runs_when_told_not_to_raise(tmp_path):
+  """The control: the same gin file and job succeed when the job raises nothing."""
+  proc = _run_main(RAISING_GIN, f"--workdir={tmp_path / 'run'}",
+                   "--gin_bindings=raising_job.error = 'none'")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
