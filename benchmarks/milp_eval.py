@@ -1,18 +1,22 @@
-"""MiLP on held-out conversations: three baselines and the searched memory layout, with the trial history.
+"""MiLP on held-out conversations: the GP-searched memory vs random search vs a tuned single LoRA vs
+memory as prompt vs BM25 retrieval vs no memory, with 95% CIs, and the search trace.
 
-Runs the job of gin/milp.gin (frozen SmolLM2-135M-Instruct) at a size set by the flags: the Bayesian
-search (Optuna GPSampler) on --num_dev_users dev users for --num_trials feasible trials, then no memory,
-memory as prompt, one single LoRA and the best layout on --num_test_users test users; ROUGE-L and
-Persona-F1 of each system's greedy responses to the users' held-out turns.
+Runs the job of gin/milp.gin (frozen SmolLM2-135M-Instruct) at a size set by the flags: three searches
+with --num_trials scored trials each on --num_dev_users dev users (objective: teacher-forced loss of
+their held-out responses), each best trained on --num_test_users test users, then the six systems on
+the test users' held-out responses (loss, ROUGE-L, Persona-F1 per example; mean and 95% bootstrap CI,
+paired difference to no memory).
 
-  python -m benchmarks.milp_eval --num_dev_users=1 --num_test_users=2 --num_trials=3 --num_steps=8
+  python -m benchmarks.milp_eval --num_dev_users=5 --num_test_users=20 --num_trials=6 --num_steps=30
 
-(`--gin_file=gin/milp_smoke.gin --plot=''` runs the same on a tiny random decoder in a minute.) It runs
-the generic `train` job of `run.method = 'milp'` in --workdir (an earlier MiLP run's
-outputs there are removed first: a fresh search).
+(`--gin_file=gin/milp_smoke.gin --plot=''` runs the same on a tiny random decoder in minutes.) It runs
+the generic `train` job of `run.method = 'milp'` in --workdir, which resumes whatever an earlier run
+of the same command left there (logged trials, finished memories); --fresh removes an earlier MiLP
+run's outputs there first.
 
-Writes <out>.json (everything, trials and responses included), <out>.md (the table and the trial
-history) and docs/milp_<dataset>.png (the objective per trial and the systems side by side).
+Writes <out>.json (everything, trials and per-example rows included), <out>.md (the table and the
+trials) and docs/milp_search_trace.png (dev objective per trial of each search and the best so far;
+test loss of each system with its CI).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 import gin
 
 from persona_jax.milp import eval as eval_lib
+from persona_jax.milp.job import SEARCHES
 from persona_jax.train import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,25 +43,31 @@ def plot(summary: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-  feasible = [r for r in summary["trials"] if r["feasible"]]
-  left.plot([r["trial"] for r in feasible], [r["objective"] for r in feasible], "o-", label="trial")
-  best = [max(r["objective"] for r in feasible[:i + 1]) for i in range(len(feasible))]
-  left.step([r["trial"] for r in feasible], best, where="post", label="best so far")
-  left.set_xlabel("trial (infeasible proposals skipped)")
-  left.set_ylabel(f"dev {summary['objective']}")
-  left.set_title("GP search on the dev users")
-  left.legend()
+  figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+  minimize = summary["objective"] == "loss"
+  for (name, entry), color in zip(summary["searches"].items(), ("C0", "C1", "C2")):
+    scored = [r for r in entry["trials"] if r["feasible"]]
+    if not scored:
+      continue
+    xs = list(range(1, len(scored) + 1))
+    ys = [r["objective"] for r in scored]
+    pick = min if minimize else max
+    best = [pick(ys[:i + 1]) for i in range(len(ys))]
+    left.plot(xs, ys, "o", color=color, alpha=0.5)
+    left.step(xs, best, where="post", color=color, label=f"{name} (best so far)")
+  left.set_xlabel("scored trial")
+  left.set_ylabel(f"dev {summary['objective']}" + (" (nats/token)" if minimize else ""))
+  left.set_title(f"searches on {len(summary['dev_users'])} dev users")
+  left.legend(fontsize=8)
   systems = [s for s in eval_lib.SYSTEMS if s in summary["results"]]
+  values = [summary["results"][s]["loss"] for s in systems]
   xs = range(len(systems))
-  width = 0.38
-  right.bar([x - width / 2 for x in xs], [summary["results"][s]["rouge_l"] for s in systems], width,
-            label="ROUGE-L")
-  right.bar([x + width / 2 for x in xs], [summary["results"][s]["persona_f1"] for s in systems], width,
-            label="Persona-F1")
-  right.set_xticks(list(xs), [s.replace("_", "\n") for s in systems])
-  right.set_title(f"{len(summary['test_users'])} test users of {summary['dataset']}")
-  right.legend()
+  right.errorbar(list(xs), [v["value"] for v in values],
+                 yerr=[[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]],
+                 fmt="o", capsize=4)
+  right.set_xticks(list(xs), [s.replace("_", "\n") for s in systems], fontsize=8)
+  right.set_ylabel("test loss of the held-out responses (nats/token)")
+  right.set_title(f"{len(summary['test_users'])} test users of {summary['dataset']} (95% CI)")
   figure.tight_layout()
   figure.savefig(path, dpi=110)
 
@@ -66,24 +77,29 @@ def main():
   parser.add_argument("--gin_file", default=os.path.join(REPO, "gin", "milp.gin"),
                       help="gin/milp_smoke.gin for a tiny random decoder (checks the script runs)")
   parser.add_argument("--dataset", default="synthetic_persona_chat")
-  parser.add_argument("--num_dev_users", type=int, default=1)
-  parser.add_argument("--num_test_users", type=int, default=2)
-  parser.add_argument("--num_trials", type=int, default=3)
-  parser.add_argument("--num_startup_trials", type=int, default=2)
-  parser.add_argument("--num_steps", type=int, default=8, help="memory training steps per user")
-  parser.add_argument("--batch_size", type=int, default=2, help="rows per memory training step")
+  parser.add_argument("--num_dev_users", type=int, default=5)
+  parser.add_argument("--num_test_users", type=int, default=20)
+  parser.add_argument("--num_trials", type=int, default=6)
+  parser.add_argument("--num_startup_trials", type=int, default=3)
+  parser.add_argument("--num_steps", type=int, default=30, help="memory training steps per user")
+  parser.add_argument("--batch_size", type=int, default=4, help="rows per memory training step")
+  parser.add_argument("--sequence_length", type=int, default=128)
+  parser.add_argument("--fresh", action="store_true",
+                      help="remove an earlier MiLP run's outputs in --workdir first (default: resume)")
   parser.add_argument("--max_new_tokens", type=int, default=16)
   parser.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data", "dialogue"))
   parser.add_argument("--workdir", default="/tmp/milp_eval")
   parser.add_argument("--out", default="/tmp/milp_eval")
-  parser.add_argument("--plot", default=None, help="default docs/milp_<dataset>.png ('' for none)")
+  parser.add_argument("--plot", default=None, help="default docs/milp_search_trace.png ('' for none)")
   args = parser.parse_args()
 
-  # A fresh search, not a continuation (the job resumes whatever the workdir holds): remove what an
-  # earlier MiLP run wrote there, and nothing else.
+  # --fresh: a new search, not a continuation (the job resumes whatever the workdir holds): remove
+  # what an earlier MiLP run wrote there, and nothing else.
   os.makedirs(args.workdir, exist_ok=True)
-  for stale in ("trials.jsonl", "search.json", "best_layout.json", "users", "single_lora", "peft"):
-    path = os.path.join(args.workdir, stale)
+  stale = [name for where in SEARCHES.values()
+           for name in (where.log, where.settings, where.best, where.users_dir)] + ["peft"]
+  for name in stale if args.fresh else []:
+    path = os.path.join(args.workdir, name)
     if os.path.isdir(path):
       shutil.rmtree(path)
     elif os.path.exists(path):
@@ -97,6 +113,7 @@ def main():
               f"milp.job.num_startup_trials = {args.num_startup_trials}",
               f"milp.job.max_new_tokens = {args.max_new_tokens}",
               f"milp.job.batch_size = {args.batch_size}",
+              f"milp.job.sequence_length = {args.sequence_length}",
               f"TrainConfig.num_steps = {args.num_steps}",
               f"TrainConfig.warmup_steps = {max(1, args.num_steps // 10)}",
               "TrainConfig.weight_decay = 0.0", "TrainConfig.checkpoint_every = 0",
@@ -112,16 +129,17 @@ def main():
   summary["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs ({platform.platform()})"
   summary["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   table = eval_lib.results_table(summary["results"], f"MiLP on {args.dataset}: "
-                                 f"{len(summary['test_users'])} test users, search on "
+                                 f"{len(summary['test_users'])} test users, searches on "
                                  f"{len(summary['dev_users'])} dev users")
-  text = (table + "\nBest layout: " + json.dumps(summary["best_layout"]) + "\n\nTrials:\n\n" +
-          eval_lib.trial_table(summary["trials"]) + f"\nTotal {summary['total_seconds']} s; seconds "
-          f"per stage {summary['seconds']}.\n")
+  trials = "".join(f"\n{name} trials (best: {json.dumps(entry['best'])}):\n\n" +
+                   eval_lib.trial_table(entry["trials"]) for name, entry in summary["searches"].items())
+  text = (table + trials + f"\nTotal {summary['total_seconds']} s; seconds per stage "
+          f"{summary['seconds']}.\n")
   with open(args.out + ".json", "w") as f:
     json.dump(summary, f, indent=2)
   with open(args.out + ".md", "w") as f:
     f.write(text)
-  plot_path = os.path.join(REPO, "docs", f"milp_{args.dataset}.png") if args.plot is None else args.plot
+  plot_path = os.path.join(REPO, "docs", "milp_search_trace.png") if args.plot is None else args.plot
   if plot_path:
     plot(summary, plot_path)
   print(text, flush=True)

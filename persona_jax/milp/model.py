@@ -8,12 +8,13 @@ A `MemoryLayout` names the layers (one module per layer: module `memory_<j>` on 
 projections, the rank and the learning rate its memories are trained with. `inject_memory` adds
 the modules to a decoder as named adapters of `persona_jax.nn.lora`; `B` starts at zero, so the
 injected decoder computes exactly the base decoder's function until trained. `SearchSpace` is the set
-of layouts the Bayesian search may propose (gin `milp.SearchSpace.*`).
+of layouts the search may propose (gin `milp.SearchSpace.*`): per-layer on/off and size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import gin
@@ -33,12 +34,13 @@ class MemoryLayout:
   layers: one LoRA module per entry (module `memory_<j>` on decoder layer `layers[j]`); the number of
     modules is `len(layers)`.
   projections: projection names (`persona_jax.nn.lora.PROJECTIONS`) each module adapts.
-  rank: LoRA rank of every module (alpha = 2 * rank, scale 2, as is common for LoRA fine-tuning).
+  rank: LoRA rank of every module, or one rank per module (alpha = 2 * rank, scale 2, as is common
+    for LoRA fine-tuning).
   learning_rate: peak learning rate of the memory's training.
   """
   layers: tuple[int, ...]
   projections: tuple[str, ...] = MLP_PROJECTIONS
-  rank: int = 8
+  rank: int | tuple[int, ...] = 8
   learning_rate: float = 1e-3
 
   def __post_init__(self):
@@ -50,13 +52,22 @@ class MemoryLayout:
     if unknown or not self.projections:
       raise UserError(f"MemoryLayout.projections {list(self.projections)}: unknown {unknown}; choose "
                        f"from {sorted(PROJECTIONS)}.")
-    if self.rank <= 0 or self.learning_rate <= 0:
+    if not isinstance(self.rank, int):
+      object.__setattr__(self, "rank", tuple(int(r) for r in self.rank))
+      if len(self.rank) != len(self.layers):
+        raise UserError(f"MemoryLayout: {len(self.rank)} ranks for {len(self.layers)} layers.")
+    if min(self.ranks) <= 0 or self.learning_rate <= 0:
       raise UserError(f"MemoryLayout: rank={self.rank} and learning_rate={self.learning_rate} must be "
                        "positive.")
 
   @property
   def num_modules(self) -> int:
     return len(self.layers)
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    """The rank of each module."""
+    return self.rank if isinstance(self.rank, tuple) else (self.rank,) * len(self.layers)
 
   @property
   def module_names(self) -> tuple[str, ...]:
@@ -70,7 +81,8 @@ class MemoryLayout:
                        f"the decoder has layers 0..{num_layers - 1}.")
 
   def to_json(self) -> dict:
-    return dict(dataclasses.asdict(self), layers=list(self.layers), projections=list(self.projections))
+    return dict(dataclasses.asdict(self), layers=list(self.layers), projections=list(self.projections),
+                rank=self.rank if isinstance(self.rank, int) else list(self.rank))
 
   @classmethod
   def from_json(cls, data: dict) -> "MemoryLayout":
@@ -80,9 +92,9 @@ class MemoryLayout:
 def inject_memory(decoder: pnn.Decoder, layout: MemoryLayout, seed: int = 0) -> list[str]:
   """Adds the layout's memory modules to `decoder` (in place); returns their adapter names."""
   layout.check(decoder.config.num_layers)
-  for j, (name, layer) in enumerate(zip(layout.module_names, layout.layers)):
-    pnn.inject_lora(decoder, layers=[layer], projections=layout.projections, rank=layout.rank,
-                    alpha=2.0 * layout.rank, name=name, seed=seed + j)
+  for j, (name, layer, rank) in enumerate(zip(layout.module_names, layout.layers, layout.ranks)):
+    pnn.inject_lora(decoder, layers=[layer], projections=layout.projections, rank=rank,
+                    alpha=2.0 * rank, name=name, seed=seed + j)
   return list(layout.module_names)
 
 
@@ -103,46 +115,69 @@ def merged(decoder: pnn.Decoder) -> pnn.Decoder:
 @gin.configurable(module="milp")
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-  """The layouts the search may propose; each field is an inclusive (low, high) range.
+  """The layouts the search may propose: every layer of the decoder on or off, each with its own size.
 
-  A point (num_modules k, first_layer f, layer_stride s, rank, learning_rate) is the layout with
-  modules on layers f, f + s, ..., f + (k - 1) s; points whose last layer does not exist are
-  infeasible (told to the sampler as a violated constraint and never trained).
+  As in the paper's public search (per-layer on/off and size), not a progression of a few modules: a
+  point has one integer `layer_<l>` per decoder layer l in 0..num_layers-1 (the space is built from
+  the decoder's own depth, so every named layer exists), 0 = no module on that layer and k >= 1 = a
+  module of rank `rank_choices[k - 1]` (ordinal, so the GP sees "bigger" as a direction), plus
+  `anchor_layer` in 0..num_layers-1: a layer that always holds a module (of the smallest rank when its
+  own `layer_<l>` is 0), and the learning rate (log scale) when `learning_rate` is a range.
+
+  So every point of the space is a memory (at least one module, all on existing layers): there is no
+  infeasible point to score, and nothing for a surrogate to fit but real measurements. (The search
+  still prunes, without a value, any point a space maps to no memory: see `Milp.search`.)
+
+  rank_choices: the module sizes a layer may get (increasing).
+  learning_rate: (low, high) searched on a log scale, or a single float: fixed, not searched.
+  projections: what each module adapts (`persona_jax.nn.lora.PROJECTIONS`).
   """
-  num_modules: tuple[int, int] = (1, 4)
-  first_layer: tuple[int, int] = (0, 29)
-  layer_stride: tuple[int, int] = (1, 8)
-  rank: tuple[int, int] = (2, 16)
-  learning_rate: tuple[float, float] = (3e-4, 1e-2)
+  rank_choices: tuple[int, ...] = (2, 4, 8, 16)
+  learning_rate: tuple[float, float] | float = (3e-4, 1e-2)
   projections: tuple[str, ...] = MLP_PROJECTIONS
 
-  def distributions(self) -> dict:
+  @staticmethod
+  def layer_param(layer: int) -> str:
+    return f"layer_{layer:02d}"
+
+  @property
+  def searches_learning_rate(self) -> bool:
+    return not isinstance(self.learning_rate, (int, float))
+
+  def distributions(self, num_layers: int) -> dict:
     import optuna  # pylint: disable=g-import-not-at-top
-    ints = {name: optuna.distributions.IntDistribution(*getattr(self, name))
-            for name in ("num_modules", "first_layer", "layer_stride")}
-    return dict(ints, rank=optuna.distributions.IntDistribution(*self.rank, log=True),
-                learning_rate=optuna.distributions.FloatDistribution(*self.learning_rate, log=True))
+    space = {self.layer_param(l): optuna.distributions.IntDistribution(0, len(self.rank_choices))
+             for l in range(num_layers)}
+    space["anchor_layer"] = optuna.distributions.IntDistribution(0, num_layers - 1)
+    if self.searches_learning_rate:
+      space["learning_rate"] = optuna.distributions.FloatDistribution(*self.learning_rate, log=True)
+    return space
 
-  def layout(self, params: dict) -> MemoryLayout:
-    layers = tuple(params["first_layer"] + j * params["layer_stride"]
-                   for j in range(params["num_modules"]))
-    return MemoryLayout(layers=layers, projections=self.projections, rank=params["rank"],
-                        learning_rate=params["learning_rate"])
+  def layout(self, params: dict, num_layers: int) -> MemoryLayout:
+    """The layout of a point (never empty: the anchor layer always holds a module)."""
+    choices = [int(params[self.layer_param(l)]) for l in range(num_layers)]
+    anchor = int(params["anchor_layer"])
+    if not 0 <= anchor < num_layers:
+      raise UserError(f"milp.SearchSpace: anchor_layer {anchor} is not a layer of a {num_layers}-layer "
+                      "decoder.")
+    choices[anchor] = max(choices[anchor], 1)
+    layers = tuple(l for l, choice in enumerate(choices) if choice > 0)
+    learning_rate = (params["learning_rate"] if self.searches_learning_rate
+                     else float(self.learning_rate))
+    return MemoryLayout(layers=layers, projections=self.projections,
+                        rank=tuple(self.rank_choices[choices[l] - 1] for l in layers),
+                        learning_rate=learning_rate)
 
-  def check(self, num_layers: int) -> None:
-    """Raises a clear error for an empty range or a space with no feasible layout."""
-    for name in ("num_modules", "first_layer", "layer_stride", "rank", "learning_rate"):
-      low, high = getattr(self, name)
-      if low > high or low < 0 or (name != "first_layer" and low <= 0):
-        raise UserError(f"milp.SearchSpace.{name}=({low}, {high}) is not a valid range: need "
-                        f"{'0 <=' if name == 'first_layer' else '0 <'} low <= high.")
-    lowest_last = self.first_layer[0] + (self.num_modules[0] - 1) * self.layer_stride[0]
-    if lowest_last >= num_layers:
-      raise UserError(
-          f"milp.SearchSpace has no valid point: even num_modules={self.num_modules[0]}, "
-          f"first_layer={self.first_layer[0]}, layer_stride={self.layer_stride[0]} needs layer "
-          f"{lowest_last}, but the decoder has layers 0..{num_layers - 1}; lower first_layer / "
-          "num_modules / layer_stride.")
+  def check(self) -> None:
+    """Raises a clear error for unusable sizes or learning rates."""
+    ranks = list(self.rank_choices)
+    if not ranks or any(r <= 0 for r in ranks) or ranks != sorted(set(ranks)):
+      raise UserError(f"milp.SearchSpace.rank_choices={tuple(ranks)}: need positive, increasing "
+                      "ranks.")
+    rates = (self.learning_rate if self.searches_learning_rate else (self.learning_rate,) * 2)
+    if len(rates) != 2 or not 0 < rates[0] <= rates[1]:
+      raise UserError(f"milp.SearchSpace.learning_rate={self.learning_rate}: need a positive rate "
+                      "or a range 0 < low <= high.")
 
   def to_json(self) -> dict:
-    return {name: list(value) for name, value in dataclasses.asdict(self).items()}
+    return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -1,4 +1,6 @@
-"""MiLP: memory injection, per-user training, the layout search and its resume, the PEFT export, the
+"""MiLP: memory injection, per-user training, the searches (pruned points never scored, random search
+and the single LoRA's learning rate at the same budget) and their resume, the teacher-forced objective
+against closed forms, BM25 retrieval and the prompt cap on hand-made histories, the PEFT export, the
 smoke job run twice in one workdir, bad inputs.
 
 Tiny random llama (2 layers), bytes vocabulary, real Synthetic-Persona-Chat users from ../shared.
@@ -7,19 +9,23 @@ Tiny random llama (2 layers), bytes vocabulary, real Synthetic-Persona-Chat user
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optuna
 import pytest
 from flax import nnx
 
 from persona_jax import nn as pnn
 from persona_jax.hf.source import DecoderSource
+from persona_jax import data as pdata
+from persona_jax.milp import eval as eval_lib
 from persona_jax.milp import tasks
-from persona_jax.milp.job import Milp
+from persona_jax.milp.job import SEARCHES, Milp
 from persona_jax.milp.model import MemoryLayout, SearchSpace, inject_memory
 from persona_jax.train import jobs
 from persona_jax.train.method import Run
@@ -37,8 +43,7 @@ def _method(workdir, shared_dir, **overrides):
       decoder=TINY, data_dir=str(shared_dir / "data/dialogue"), num_dev_users=1, num_test_users=1,
       responses_per_user=1, num_trials=2, num_startup_trials=1, max_new_tokens=4,
       max_prompt_tokens=512, sequence_length=64, batch_size=2,
-      search_space=SearchSpace(num_modules=(1, 2), first_layer=(0, 1), layer_stride=(1, 1),
-                               rank=(2, 4), learning_rate=(1e-3, 1e-2)))
+      search_space=SearchSpace(rank_choices=(2, 4), learning_rate=(1e-3, 1e-2)))
   settings.update(overrides)
   method = Milp(**settings)
   method.setup(str(workdir))
@@ -113,19 +118,150 @@ def test_training_changes_only_that_memory_and_exports_as_peft(method, tmp_path)
   assert np.abs(ours - _logits(method.base)).max() > 1e-4  # the memory really changed the model
 
 
+def _fake_scores(description):
+  """A deterministic dev score per memory, standing in for training (the search logic only)."""
+  text = json.dumps(description, sort_keys=True)
+  value = 1.0 + (sum(map(ord, text)) % 97) / 97.0
+  return {"loss": value, "final_train_loss": value}
+
+
+def test_every_point_of_the_space_is_a_memory_on_existing_layers():
+  """Enumerates the whole space of a 3-layer decoder: no point is infeasible (nothing to score 0)."""
+  import itertools
+  space = SearchSpace(rank_choices=(2, 4), learning_rate=1e-3)
+  distributions = space.distributions(3)
+  names = sorted(distributions)
+  points = list(itertools.product(*[range(distributions[n].low, distributions[n].high + 1)
+                                    for n in names]))
+  assert len(points) == 3 ** 3 * 3
+  for values in points:
+    params = dict(zip(names, values))
+    layout = space.layout(params, 3)
+    assert layout.layers and set(layout.layers) <= {0, 1, 2}
+    assert params["anchor_layer"] in layout.layers
+    layout.check(3)
+
+
+def test_pruned_points_are_never_scored_nor_reach_the_surrogate(method, tmp_path, monkeypatch):
+  """A point the space maps to no memory is told as PRUNED without a value, costs no training, and
+  the GP's surrogate is fitted on the scored trials only (here two proposals are forced to be none)."""
+  from optuna._gp import gp
+
+  fits = []
+  real_fit = gp.fit_kernel_params
+
+  def recording_fit(*args, **kwargs):
+    fits.append(np.asarray(kwargs["Y"]).copy())
+    return real_fit(*args, **kwargs)
+
+  monkeypatch.setattr(gp, "fit_kernel_params", recording_fit)
+  scored_calls = []
+
+  def fake_score(run, memory, users):
+    scored_calls.append(memory.description)
+    return _fake_scores(memory.description)
+
+  monkeypatch.setattr(method, "score_dev", fake_score)
+  real_space = method._space  # pylint: disable=protected-access
+  calls = []
+
+  def space_with_holes(name):
+    distributions, describe = real_space(name)
+
+    def holey(params):
+      calls.append(params)
+      return None if len(calls) in (2, 4) else describe(params)  # proposals 1 and 3: no memory
+
+    return distributions, holey
+
+  monkeypatch.setattr(method, "_space", space_with_holes)
+  complete_before_ask = []
+  real_ask = optuna.Study.ask
+
+  def counting_ask(study, *args, **kwargs):
+    complete_before_ask.append(len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))))
+    return real_ask(study, *args, **kwargs)
+
+  monkeypatch.setattr(optuna.Study, "ask", counting_ask)
+  log = tmp_path / "trials.jsonl"
+  method.num_trials = 4
+  try:
+    best, records = method.search(Run(workdir=None, config=CONFIG), str(log),
+                                  sampler=optuna.samplers.GPSampler(seed=0, n_startup_trials=1))
+  finally:
+    method.num_trials = 2
+  pruned = [r for r in records if not r["feasible"]]
+  assert [r["trial"] for r in pruned] == [1, 3]
+  assert all(r["objective"] is None and r["memory"] is None for r in pruned)
+  scored = [r for r in records if r["feasible"]]
+  assert len(scored) == 4 and len(scored_calls) == 4  # pruned points were never scored
+  for record in scored:
+    assert record["objective"] == _fake_scores(record["description"])["loss"]
+  # Every GP fit saw exactly the scored trials so far: the pruned ones never entered it as a value.
+  assert fits, "the GP never fitted (still in its startup trials?)"
+  assert [len(y) for y in fits] == [n for n in complete_before_ask if n >= 1]
+  assert max(len(y) for y in fits) == 3
+  assert best == min(scored, key=lambda r: r["objective"])["description"]
+
+  # Resumed from the log: the pruned trials are re-added as PRUNED (no value), nothing re-runs, and
+  # the study holds no value for them.
+  monkeypatch.setattr(method, "_space", real_space)
+  monkeypatch.setattr(method, "score_dev", lambda *a, **k: pytest.fail("a logged trial re-ran"))
+  method.num_trials = 4
+  try:
+    again, found = method.search(Run(workdir=None, config=CONFIG), str(log))
+  finally:
+    method.num_trials = 2
+  assert found == records and again == best
+
+
+def test_random_search_and_learning_rate_tuning_get_the_same_number_of_trials(method, tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.setattr(method, "score_dev",
+                      lambda run, memory, users: _fake_scores(memory.description))
+  method.workdir_backup, method.workdir = method.workdir, str(tmp_path)
+  samplers = {}
+  real_sampler = method._sampler  # pylint: disable=protected-access
+
+  def sampler(name):
+    samplers[name] = real_sampler(name)
+    return samplers[name]
+
+  monkeypatch.setattr(method, "_sampler", sampler)
+  try:
+    bests = {name: method._best(Run(workdir=None, config=CONFIG), name)  # pylint: disable=protected-access
+             for name in SEARCHES}
+  finally:
+    method.workdir = method.workdir_backup
+  assert isinstance(samplers["milp_random"], optuna.samplers.RandomSampler)
+  assert isinstance(samplers["milp_searched"], optuna.samplers.GPSampler)
+  assert isinstance(samplers["single_lora"], optuna.samplers.GPSampler)
+  counts = {}
+  for name, where in SEARCHES.items():
+    records = [json.loads(line) for line in (tmp_path / where.log).read_text().splitlines()]
+    counts[name] = sum(r["feasible"] for r in records)
+    assert json.loads((tmp_path / where.settings).read_text())["search"] == name
+  assert counts == {name: method.num_trials for name in SEARCHES}, counts
+  assert "layout" in bests["milp_random"] and "layout" in bests["milp_searched"]
+  rate = bests["single_lora"]["single_lora"]["learning_rate"]
+  assert method.single_lora_learning_rate[0] <= rate <= method.single_lora_learning_rate[1]
+
+
 def test_search_resumes_from_its_log_without_training(method, tmp_path, monkeypatch):
   """A rerun re-adds the logged trials to the study; with num_trials of them it trains nothing."""
   space = method.search_space
   log = tmp_path / "trials.jsonl"
   records = []
-  for number, (params, objective) in enumerate([
-      (dict(num_modules=2, first_layer=1, layer_stride=1, rank=2, learning_rate=1e-3), None),
-      (dict(num_modules=1, first_layer=0, layer_stride=1, rank=2, learning_rate=2e-3), 0.25),
-      (dict(num_modules=2, first_layer=0, layer_stride=1, rank=4, learning_rate=5e-3), 0.5)]):
-    feasible = objective is not None
-    records.append({"trial": number, "params": params, "layout": space.layout(params).to_json(),
-                    "feasible": feasible, "objective": objective, "seconds": 0.0,
-                    **({"rouge_l": objective, "persona_f1": 0.0} if feasible else {})})
+  for number, (choices, objective) in enumerate([((0, 0), None), ((1, 0), 2.5), ((2, 1), 1.5)]):
+    params = {"layer_00": choices[0], "layer_01": choices[1], "anchor_layer": 0,
+              "learning_rate": 2e-3}
+    feasible = objective is not None  # trial 0: pruned (logged as a space with holes would)
+    layout = space.layout(params, 2) if feasible else None
+    description = None if layout is None else {"layout": layout.to_json(), "seed": 0}
+    records.append({"trial": number, "params": params,
+                    "memory": None if layout is None else layout.to_json(),
+                    "description": description, "feasible": feasible, "objective": objective,
+                    "seconds": 0.0, **({"loss": objective} if feasible else {})})
   log.write_text("".join(json.dumps(r) + "\n" for r in records))
 
   def no_training(*args, **kwargs):
@@ -135,12 +271,102 @@ def test_search_resumes_from_its_log_without_training(method, tmp_path, monkeypa
   run = Run(workdir=None, config=CONFIG)
   best, found = method.search(run, str(log))
   assert found == records
-  assert best == space.layout(records[2]["params"])
+  assert best == records[2]["description"]  # the lowest loss
+  assert MemoryLayout.from_json(best["layout"]) == MemoryLayout(layers=(0, 1), rank=(4, 2),
+                                                                learning_rate=2e-3)
   assert (tmp_path / "search.json").is_file()
   # Another search's log is refused, never mixed in.
   other = Run(workdir=None, config=TrainConfig(num_steps=5, warmup_steps=1))
   with pytest.raises(ValueError, match="trials of another search"):
     method.search(other, str(log))
+
+
+def test_search_space_is_per_layer_on_off_and_size():
+  space = SearchSpace(rank_choices=(2, 4, 8), learning_rate=(1e-4, 1e-2))
+  distributions = space.distributions(5)
+  assert sorted(distributions) == ["anchor_layer"] + [f"layer_0{l}" for l in range(5)] + [
+      "learning_rate"]
+  assert (distributions["anchor_layer"].low, distributions["anchor_layer"].high) == (0, 4)
+  assert all(distributions[f"layer_0{l}"].low == 0 and distributions[f"layer_0{l}"].high == 3
+             for l in range(5))
+  params = {"layer_00": 0, "layer_01": 3, "layer_02": 0, "layer_03": 1, "layer_04": 2,
+            "anchor_layer": 3, "learning_rate": 5e-3}
+  layout = space.layout(params, 5)  # non-contiguous layers, each its own size
+  assert layout.layers == (1, 3, 4) and layout.ranks == (8, 2, 4) and layout.learning_rate == 5e-3
+  # The anchor layer is always on: its own switch off gives it the smallest rank.
+  off = space.layout(dict(params, layer_01=0, layer_03=0, layer_04=0, anchor_layer=2), 5)
+  assert off.layers == (2,) and off.ranks == (2,)
+  fixed = SearchSpace(learning_rate=1e-3)
+  assert "learning_rate" not in fixed.distributions(3)
+  assert fixed.layout({"layer_00": 1, "layer_01": 0, "layer_02": 0, "anchor_layer": 0},
+                      3).learning_rate == 1e-3
+  # A layout with per-module ranks injects modules of those ranks.
+  decoder = nnx.clone(TINY.load("milp.job", vocab_size=259).decoder)
+  inject_memory(decoder, MemoryLayout(layers=(0, 1), rank=(2, 4)))
+  assert decoder.layers[0].mlp.up_proj.adapters["memory_0"].a[...].shape[-1] == 2
+  assert decoder.layers[1].mlp.up_proj.adapters["memory_1"].a[...].shape[-1] == 4
+
+
+def test_objective_is_the_teacher_forced_loss_of_the_response(method):
+  """Closed forms: a decoder with every weight zero predicts uniformly, so each response costs exactly
+  log(vocab) nats/token; on a random decoder the value is the mean NLL of the response tokens alone,
+  computed here without padding from the full-sequence logits."""
+  vocabulary = method.vocabulary
+  prompts = ["User 1: hi there\nUser 2:", "User 1: what do you do?\nUser 2:"]
+  responses = ["hello!", "I teach  math in a school"]
+  zero = nnx.clone(method.base)
+  nnx.update(zero, jax.tree.map(jnp.zeros_like, nnx.state(zero, nnx.Param)))
+  uniform = eval_lib.response_nll(zero, vocabulary, prompts, responses, max_prompt_tokens=64,
+                                  max_response_tokens=48, batch_size=4)
+  np.testing.assert_allclose(uniform, [math.log(zero.config.vocab_size)] * 2, rtol=1e-6)
+
+  values = eval_lib.response_nll(method.base, vocabulary, prompts, responses, max_prompt_tokens=64,
+                                 max_response_tokens=48, batch_size=4)
+  for prompt, response, value in zip(prompts, responses, values):
+    prompt_ids = list(vocabulary.encode(prompt))
+    target_ids = list(vocabulary.encode(" " + response.strip() + "\n"))
+    ids = np.asarray([prompt_ids + target_ids])
+    logits = np.asarray(_forward(method.base, jnp.asarray(ids)), np.float64)[0]
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = [-log_probs[len(prompt_ids) - 1 + j, t] for j, t in enumerate(target_ids)]
+    assert value == pytest.approx(float(np.mean(nll)), rel=1e-4)
+  assert values[0] != pytest.approx(values[1], rel=1e-3)  # not a constant
+
+
+def _user(history, persona=()):
+  return tasks.User(user_id="hand", persona=tuple(persona), history=tuple(history), held_out=(),
+                    speaker="User 2")
+
+
+def test_bm25_retrieval_returns_the_expected_turns_of_a_hand_made_history():
+  history = ["User 1: How was your weekend?",
+             "User 2: I went hiking in the mountains with my dog.",
+             "User 1: Do you cook?",
+             "User 2: I bake sourdough bread every Sunday morning.",
+             "User 2: My dog is a golden retriever named Rex."]
+  user = _user(history, persona=["I am a nurse.", "I like jazz music."])
+  items = eval_lib.memory_items(user)
+  assert items[:2] == ["Persona: I am a nurse.", "Persona: I like jazz music."]
+  assert eval_lib.bm25_top_k(items, "Which mountains did you go hiking in?", 1) == [history[1]]
+  assert eval_lib.bm25_top_k(items, "What bread do you bake on Sunday?", 1) == [history[3]]
+  top = eval_lib.bm25_top_k(items, "Tell me about the dog Rex", 2)
+  assert top == [history[4], history[1]]  # both dog turns, the one naming Rex first
+  assert eval_lib.bm25_top_k(items, "jazz", 3) == ["Persona: I like jazz music."]  # score-0 items dropped
+  assert eval_lib.bm25_top_k(items, "zebra quantum", 3) == []
+
+  # The prompt cap: whole items while they fit (bytes vocabulary: one token per byte, +1 newline).
+  vocabulary = pdata.get_vocabulary("bytes")
+  example = tasks.HeldOutExample(prompt="User 1: and the dog Rex?\nUser 2:", response="x")
+  budget = len(history[4]) + 1 + len(history[1]) + 1
+  prompt = eval_lib.retrieval_prompt(user, example, 2, vocabulary, budget)
+  assert prompt == history[4] + "\n" + history[1] + "\n" + example.prompt
+  assert eval_lib.retrieval_prompt(user, example, 2, vocabulary, budget - 1) == (
+      history[4] + "\n" + example.prompt)
+  # Memory as prompt under the same cap: persona first, then the most recent turns, in order.
+  persona_cost = sum(len(line) + 1 for line in items[:2])
+  capped = eval_lib.memory_prompt(user, example, 6, vocabulary, persona_cost + len(history[4]) + 1)
+  assert capped == "\n".join(items[:2] + [history[4]]) + "\n" + example.prompt
 
 
 @pytest.mark.slow
@@ -151,12 +377,10 @@ def test_search_runs_end_to_end_and_returns_its_best_layout(method, tmp_path):
   assert logged == records
   feasible = [r for r in records if r["feasible"]]
   assert len(feasible) == method.num_trials
-  assert all(max(r["layout"]["layers"]) <= 1 for r in feasible)
-  assert all(max(r["layout"]["layers"]) > 1 for r in records if not r["feasible"])
-  top = max(feasible, key=lambda r: r["objective"])
-  assert best == MemoryLayout.from_json(top["layout"])
-  for record in feasible:
-    assert 0.0 <= record["rouge_l"] <= 1.0 and record["objective"] == record["rouge_l"]
+  top = min(feasible, key=lambda r: r["objective"])
+  assert best == top["description"]
+  for record in feasible:  # the objective is the dev users' teacher-forced loss
+    assert record["objective"] == record["loss"] and 0.0 < record["loss"] < 20.0
 
 
 def _run_smoke(workdir, shared_dir, *bindings):
@@ -183,13 +407,18 @@ def test_smoke_job_twice_in_one_workdir_trains_nothing_new(tmp_path, shared_dir,
   assert first["method"] == "milp" and first["step"] == 3 and "loss" in first["train"]
   assert "| milp_searched |" in (workdir / "results.md").read_text()
   results = json.loads((workdir / "results.json").read_text())
-  assert set(results["results"]) == {"no_memory", "memory_as_prompt", "single_lora", "milp_searched"}
+  assert set(results["results"]) == set(eval_lib.SYSTEMS)
+  for system, entry in results["results"].items():
+    assert entry["count"] == 2 and entry["loss"]["low"] <= entry["loss"]["value"] <= entry["loss"]["high"]
+    assert ("loss_vs_no_memory" in entry) == (system != "no_memory")
   trials = (workdir / "trials.jsonl").read_text()
-  assert sum(json.loads(line)["feasible"] for line in trials.splitlines()) == 2
+  for where in SEARCHES.values():
+    logged = (workdir / where.log).read_text().splitlines()
+    assert sum(json.loads(line)["feasible"] for line in logged) == 2
   user = results["test_users"][0]
   assert (workdir / "peft" / user / "memory_0" / "adapter_config.json").is_file()
-  assert (workdir / "users" / user / "checkpoints").is_dir()
-  assert (workdir / "single_lora" / user / "checkpoints").is_dir()
+  for kind in ("users", "random", "single_lora"):
+    assert (workdir / kind / user / "checkpoints").is_dir()
 
   # The same command again: it finishes, trains nothing (no optimizer step at all), re-runs no
   # trial, and reports the same table.
@@ -220,12 +449,12 @@ def test_bad_inputs_raise_clear_errors(method, shared_dir, tmp_path):
     _method(tmp_path, shared_dir, layout={"layers": [7]})
   with pytest.raises(ValueError, match="MemoryLayout.projections"):
     MemoryLayout(layers=(0,), projections=("mlp_in",))
-  no_point = _method(tmp_path, shared_dir, search_space=SearchSpace(
-      num_modules=(2, 3), first_layer=(1, 1), layer_stride=(1, 2)))
-  with pytest.raises(ValueError, match="SearchSpace has no valid point"):
-    no_point.search(Run(workdir=None, config=CONFIG), str(tmp_path / "t.jsonl"))
-  with pytest.raises(ValueError, match="not a valid range"):
-    SearchSpace(rank=(8, 2)).check(2)
+  with pytest.raises(ValueError, match="rank_choices"):
+    SearchSpace(rank_choices=(8, 2)).check()
+  with pytest.raises(ValueError, match="learning_rate"):
+    SearchSpace(learning_rate=(1e-2, 1e-3)).check()
+  with pytest.raises(ValueError, match="2 ranks for 1 layers"):
+    MemoryLayout(layers=(0,), rank=(2, 4))
   with pytest.raises(ValueError, match="objective"):
     Milp(decoder=TINY, objective="bleu")
   with pytest.raises(ValueError, match="needs a workdir"):
@@ -234,6 +463,8 @@ def test_bad_inputs_raise_clear_errors(method, shared_dir, tmp_path):
     Milp(decoder=TINY).setup("gs://bucket/run")
   with pytest.raises(ValueError, match="no trained memory"):
     method.restore_user("users", method.test_users[0].user_id)
+  with pytest.raises(ValueError, match="a prompt has"):
+    eval_lib.response_nll(method.base, method.vocabulary, ["x" * 40], ["y"], max_prompt_tokens=8)
 
 
 def test_metrics_against_hand_computed_values():
