@@ -4,7 +4,8 @@ RLPF summary; summary length and context reduction; training curves of reward an
   TFDS_DATA_DIR=../shared/tfds python -m benchmarks.rlpf_eval --steps 20 --out /tmp/rlpf_eval
   # smoke (a random tiny llama, a few steps, no plot):
   python -m benchmarks.rlpf_eval --model tiny_llama --steps 2 --num_train_users 4 \
-      --num_eval_users 4 --batch_size 2 --max_summary_tokens 8 --transfer_task '' --plot ''
+      --num_eval_users 4 --batch_size 2 --max_summary_tokens 8 --target_length 4 --num_history 5 \
+      --transfer_task '' --plot ''
 
 Runs the RLPF method (`persona_jax.rlpf.job.RLPF` through `rl.Learner`, default SmolLM2-135M-Instruct
 as summarizer and predictor, LoRA on the summarizer), then evaluates the held-out users of the training task and of
@@ -61,15 +62,15 @@ def main():
   parser.add_argument("--task", default="movielens_future_movie")
   parser.add_argument("--transfer_task", default="movielens_favorite_genre",
                       help="also evaluate the trained summarizer on this task ('' to skip)")
-  parser.add_argument("--num_history", type=int, default=5)
+  parser.add_argument("--num_history", type=int, default=50)
   parser.add_argument("--num_train_users", type=int, default=64)
   parser.add_argument("--num_eval_users", type=int, default=24)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--batch_size", type=int, default=4)
   parser.add_argument("--samples_per_prompt", type=int, default=1)
   parser.add_argument("--estimator", default="reinforce")
-  parser.add_argument("--max_summary_tokens", type=int, default=32)
-  parser.add_argument("--target_length", type=float, default=32)
+  parser.add_argument("--max_summary_tokens", type=int, default=128)
+  parser.add_argument("--target_length", type=float, default=64)
   parser.add_argument("--length_weight", type=float, default=1.0)
   parser.add_argument("--lora_rank", type=int, default=8)
   parser.add_argument("--learning_rate", type=float, default=3e-4)

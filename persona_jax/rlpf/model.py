@@ -8,10 +8,14 @@ multiple-choice question about the user's future; reward
     r = r_pred + w * min(C, beta * (L - len(summary)))
 
 with r_pred = 1 if the predictor picks the right option (else 0), or the log-probability of the right
-option among the 4 (`reward_kind='log_prob'`, floored at `log_prob_floor` so the minimum exists).
+option among the options (`reward_kind='log_prob'`, floored at `log_prob_floor` so the minimum
+exists). The length term acts only when the summary budget exceeds L (a summary longer than L costs).
 
-The predictor scores each option as a continuation of its prompt: sum of the option tokens'
-log-probs; its choice is the argmax, and P(option | one of 4) = softmax over the 4 sums.
+The predictor scores each option as a continuation of its prompt: by default the MEAN of the option
+tokens' log-probs (the sum favours short titles; `option_reduction='sum'` is the alternative, and
+`Predictor.option_scores` returns both, see `persona_jax.evaluation.option_scoring`); its choice is
+the argmax, and P(option | one of the options) = softmax over the option scores. A task has a fixed
+number of options (4 for next item, the fixed list's size for genre / rating).
 An empty summary (no token before the stop token, or only whitespace) gets the minimum reward the
 configuration allows; it never reaches the predictor.
 """
@@ -24,10 +28,10 @@ from typing import Sequence
 import numpy as np
 
 from persona_jax import rl
+from persona_jax.evaluation.option_scoring import REDUCTIONS, option_scores, reduce_options
 from persona_jax.sampling import pad_prompts, round_up
 
-NUM_OPTIONS = 4
-OPTION_LETTERS = "ABCD"
+NUM_OPTIONS = 4  # the next-item tasks' options (fixed-list tasks have their list's size)
 
 
 @dataclasses.dataclass
@@ -87,7 +91,7 @@ def predictor_message(context_name: str, context: str, question: str) -> str:
 
 @dataclasses.dataclass
 class Predictor:
-  """The frozen predictor: scores the 4 options of a question given a context (summary or history).
+  """The frozen predictor: scores the options of a question given a context (summary or history).
 
   decoder: its weights (frozen; shared with the reference policy when it is the same model).
   codec: its tokenizer.
@@ -102,21 +106,29 @@ class Predictor:
   batch_bucket: int = 4
 
   def option_logprobs(self, contexts: Sequence[str], questions: Sequence[str],
-                      options: Sequence[Sequence[str]], context_name: str = "User summary"
-                      ) -> np.ndarray:
-    """`[batch, 4]` fp32 sum of log-probs of each option's tokens after the predictor's prompt."""
+                      options: Sequence[Sequence[str]], context_name: str = "User summary",
+                      reduction: str = "mean") -> np.ndarray:
+    """`[batch, options]` each option's mean (default) or summed token log-prob after the prompt."""
+    return reduce_options(self.option_scores(contexts, questions, options, context_name), reduction)
+
+  def option_scores(self, contexts: Sequence[str], questions: Sequence[str],
+                    options: Sequence[Sequence[str]], context_name: str = "User summary"
+                    ) -> dict[str, np.ndarray]:
+    """{"mean", "sum", "num_tokens"}: `[batch, options]` per-option token log-prob reductions."""
     if not (len(contexts) == len(questions) == len(options)):
       raise ValueError(f"Predictor: {len(contexts)} contexts, {len(questions)} questions and "
                        f"{len(options)} option lists must match.")
     num_questions = len(contexts)
     if not num_questions:
       raise ValueError("Predictor.option_logprobs: no questions given.")
+    num_options = len(options[0])
     padding = round_up(num_questions, self.batch_bucket) - num_questions
     contexts, questions, options = (list(x) + [x[-1]] * padding for x in (contexts, questions, options))
     prompts, answers = [], []
     for context, question, opts in zip(contexts, questions, options):
-      if len(opts) != NUM_OPTIONS:
-        raise ValueError(f"Predictor: every question needs {NUM_OPTIONS} options, got {len(opts)}.")
+      if len(opts) != num_options or num_options < 2:
+        raise ValueError(f"Predictor: every question of a batch needs the same number (>= 2) of "
+                         f"options; got {len(opts)} and {num_options}.")
       prompt = self.codec.prompt(predictor_message(context_name, context, question))
       for option in opts:
         prompts.append(prompt)
@@ -132,7 +144,8 @@ class Predictor:
     tokens = np.concatenate([prompt_tokens, answer_tokens], axis=1)
     input_mask = np.concatenate([prompt_mask, answer_mask > 0], axis=1)
     logprobs, _ = rl.score(self.decoder, tokens, input_mask, width)
-    return (logprobs * answer_mask).sum(axis=-1).reshape(-1, NUM_OPTIONS)[:num_questions]
+    scores = option_scores(logprobs, answer_mask)
+    return {name: value.reshape(-1, num_options)[:num_questions] for name, value in scores.items()}
 
 
 def length_reward(lengths: np.ndarray, *, target_length: float, beta: float, cap: float) -> np.ndarray:
@@ -145,7 +158,8 @@ class RewardConfig:
   """r = r_pred + length_weight * min(cap, beta * (target_length - len(summary tokens))).
 
   reward_kind: 'accuracy' (1 if the predictor picks the right option) or 'log_prob' (log P(right
-    option | one of the 4), floored at `log_prob_floor`).
+    option | one of the options), floored at `log_prob_floor`).
+  option_reduction: how the predictor scores an option: 'mean' (per token, default) or 'sum'.
   """
   reward_kind: str = "accuracy"
   length_weight: float = 0.0
@@ -153,10 +167,14 @@ class RewardConfig:
   beta: float = 0.01
   cap: float = 0.2
   log_prob_floor: float = -10.0
+  option_reduction: str = "mean"
 
   def __post_init__(self):
     if self.reward_kind not in ("accuracy", "log_prob"):
       raise ValueError(f"rlpf reward_kind={self.reward_kind!r}: choose 'accuracy' or 'log_prob'.")
+    if self.option_reduction not in REDUCTIONS:
+      raise ValueError(f"rlpf option_reduction={self.option_reduction!r}: choose one of "
+                       f"{REDUCTIONS}.")
 
   def prediction_reward(self, option_logprobs: np.ndarray, answers: np.ndarray) -> np.ndarray:
     option_logprobs = np.asarray(option_logprobs, np.float64)
@@ -196,7 +214,7 @@ def summary_rewards(summaries: Sequence[str], lengths: Sequence[int], rows: Sequ
   if scored.size:
     option_logprobs = predictor.option_logprobs(
         [summaries[i] for i in scored], [rows[i]["question"] for i in scored],
-        [rows[i]["options"] for i in scored])
+        [rows[i]["options"] for i in scored], reduction=config.option_reduction)
     accuracy[scored] = (option_logprobs.argmax(-1) == answers[scored]).astype(np.float32)
     prediction[scored] = config.prediction_reward(option_logprobs, answers[scored])
     rewards[scored] = config.total(prediction[scored], lengths[scored])

@@ -29,7 +29,7 @@ EXAMPLES = [{"user_id": str(i), "history_text": f"1. Movie {i} | genres: Comedy 
 
 def _method(**overrides):
   settings = dict(decoder=TINY, train_examples=EXAMPLES, eval_examples=EXAMPLES[:2],
-                  max_summary_tokens=8, batch_size=2, samples_per_prompt=2, estimator="rloo",
+                  max_summary_tokens=8, target_length=4, batch_size=2, samples_per_prompt=2, estimator="rloo",
                   lora_rank=4, eval_batch_size=2, learner=rl.LearnerConfig(num_epochs=2))
   settings.update(overrides)
   method = RLPF(**settings)
@@ -80,8 +80,15 @@ def test_fit_resume_restore_and_frozen_predictor_and_reference(tmp_path):
   assert max(np.abs(x).max() for x in jax.tree.leaves(adapters)) > 0
   evaluation = resumed.evaluate(fit.model, fit.result.step)
   results = evaluation.results["eval_table"]
-  assert set(results) == {"full_history", "zero_shot_summary", "rlpf_summary"}
+  assert set(results) == {"no_context", "full_history", "zero_shot_summary", "rlpf_summary",
+                          "truncated_history@zero_shot_summary", "truncated_history@rlpf_summary"}
   assert all(0.0 <= row["accuracy"] <= 1.0 for row in results.values())
+  assert all(len(row["correct"]) == 2 and len(row["correct_sum"]) == 2 for row in results.values())
+  # The truncated history gets each user's summary token count (never more).
+  for name in ("zero_shot_summary", "rlpf_summary"):
+    assert all(t <= s for t, s in zip(results[f"truncated_history@{name}"]["token_counts"],
+                                      results[name]["token_counts"]))
+  assert "mean [95% CI]" in evaluation.tables["eval_table"]
   assert "| rlpf_summary |" in evaluation.tables["eval_table"]
   assert evaluation.metrics["rlpf_summary_accuracy"] == results["rlpf_summary"]["accuracy"]
 
@@ -103,6 +110,12 @@ def test_bad_job_settings():
     RLPF(estimator="ppo")
   with pytest.raises(UserError, match="task='netflix' is unknown"):
     RLPF(task="netflix")
+  with pytest.raises(UserError, match="length reward never penalizes"):
+    RLPF(max_summary_tokens=48, target_length=48)
+  with pytest.raises(UserError, match="eval_split='train'"):
+    RLPF(eval_split="train")
+  with pytest.raises(UserError, match="transfer_tasks"):
+    RLPF(transfer_tasks=("netflix",))
   with pytest.raises(UserError, match="exactly one of `pretrained`"):
     DecoderSource(pretrained=None, preset=None)
 
@@ -122,5 +135,7 @@ def test_smoke_gin_trains_with_ppo_epochs_and_honours_eval_every(tmp_path):
   assert 0.0 <= final["periodic_eval"]["eval/rlpf_summary_accuracy"] <= 1.0
   assert "clip_fraction" in final["train"] and "ratio_mean" in final["train"]
   table = json.loads((workdir / "eval_table.json").read_text())
-  assert set(table) == {"full_history", "zero_shot_summary", "rlpf_summary"}
+  assert {"chance", "popularity", "majority_class", "history_majority", "no_context",
+          "full_history", "zero_shot_summary", "rlpf_summary",
+          "truncated_history@rlpf_summary"} <= set(table)
   assert (workdir / "eval_table.md").exists()

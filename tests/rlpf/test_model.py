@@ -9,6 +9,7 @@ from persona_jax import data as pdata
 from persona_jax import nn as pnn
 from persona_jax import rl
 from persona_jax.data import user_histories as uh
+from persona_jax.errors import UserError
 from persona_jax.rlpf import tasks
 from persona_jax.rlpf.model import (Predictor, RewardConfig, TextCodec, length_reward,
                                     predictor_message, summary_rewards)
@@ -46,7 +47,8 @@ def test_length_reward_and_prediction_reward_closed_forms():
 
 
 class _NoEmptyPredictor:
-  def option_logprobs(self, contexts, questions, options, context_name="User summary"):
+  def option_logprobs(self, contexts, questions, options, context_name="User summary",
+                      reduction="mean"):
     assert all(c.strip() for c in contexts), "an empty summary reached the predictor"
     return np.tile(np.array([[0.0, 0.0, 1.0, 0.0]]), (len(contexts), 1))
 
@@ -73,8 +75,11 @@ def test_empty_or_all_stop_summary_gets_the_minimum_reward(codec):
 def test_predictor_scores_options_as_continuations(codec, predictor):
   contexts = ["likes sharks", "x"]
   options = [ROW["options"], ["a", "bb", "ccc", "dddd"]]
-  scores = predictor.option_logprobs(contexts, ["Which next?"] * 2, options)
+  both = predictor.option_scores(contexts, ["Which next?"] * 2, options)
+  scores = predictor.option_logprobs(contexts, ["Which next?"] * 2, options, reduction="sum")
   assert scores.shape == (2, 4)
+  np.testing.assert_allclose(predictor.option_logprobs(contexts, ["Which next?"] * 2, options),
+                             both["mean"])  # the default is the mean per option token
   # Independent check: RIGHT-padded rows (no mask, default positions; padding after a row cannot
   # change its earlier logits under the causal mask), summing each option's token log-probs.
   rows, spans = [], []
@@ -92,6 +97,8 @@ def test_predictor_scores_options_as_continuations(codec, predictor):
   expected = [sum(log_probs[i, start - 1 + k, t] for k, t in enumerate(answer))
               for i, (start, answer) in enumerate(spans)]
   np.testing.assert_allclose(scores.reshape(-1), expected, atol=2e-3)
+  lengths = [len(answer) for _, answer in spans]
+  np.testing.assert_allclose(both["mean"].reshape(-1), np.array(expected) / lengths, atol=2e-3)
 
 
 class _UnknownVocabulary:
@@ -111,46 +118,83 @@ def test_untokenizable_option_raises_a_clear_error(predictor):
   unknown = Predictor(predictor.decoder, TextCodec(_UnknownVocabulary()))
   with pytest.raises(ValueError, match="Answer option 'ÿÿ' cannot be tokenized"):
     unknown.option_logprobs(["ctx"], ["q?"], [["Heat", "ÿÿ", "Jaws", "Up"]])
-  with pytest.raises(ValueError, match="needs 4 options"):
-    predictor.option_logprobs(["ctx"], ["q?"], [["Heat", "Up"]])
+  with pytest.raises(ValueError, match="same number"):
+    predictor.option_logprobs(["ctx", "c"], ["q?", "q"], [["Heat", "Up"], ["a", "b", "c"]])
 
 
 def _movie(item, title, genres, t):
   return uh.Interaction(item_id=item, rating=4.0, timestamp=t, title=title, categories=genres)
 
 
-def test_tasks_short_history_options_and_determinism():
+def test_tasks_short_history_band_options_and_determinism():
+  from persona_jax.data import choice_tasks as ct
   short = uh.UserHistory("u1", (_movie("1", "Heat", ("Crime",), 1),),
                          (_movie("2", "Jaws", ("Horror",), 2),), "movielens")
   full = uh.UserHistory("u2", tuple(_movie(str(i), f"M{i}", ("Drama",), i) for i in range(10, 20)),
                         (_movie("30", "Up", ("Comedy",), 30),), "movielens")
-  pool = ["Heat", "Jaws", "Up", "A", "B", "C", "D"]
-  examples = tasks.movielens_future_movie_examples([short, full], pool, num_history=5, seed=0)
+  # Popularity: "2" (Jaws) and "30" (Up) sit in the 50-count band with a..d; the rest is rarer.
+  counts = {"1": 1, "2": 50, "30": 50, "a": 50, "b": 50, "c": 50, "d": 50, "e": 1, "f": 1}
+  counts.update({str(i): 1 for i in range(10, 20)})
+  titles = {"1": "Heat", "2": "Jaws", "30": "Up", "a": "A", "b": "B", "c": "C", "d": "D", "e": "E",
+            "f": "F", **{str(i): f"M{i}" for i in range(10, 20)}}
+  genres = {item: ("Drama",) for item in titles}
+  bands = ct.PopularityBands(counts, min_band_size=5)
+  examples = tasks.movielens_future_movie_examples([short, full], bands, titles, genres,
+                                                   num_history=5, seed=0)
   first, second = examples
   # Fewer activities than N: all of them, counted; nothing padded or dropped.
   assert first["num_history_items"] == 1 and first["history_text"].startswith("1. Heat")
   assert second["num_history_items"] == 5 and "M19" in second["history_text"]
   assert "M14" not in second["history_text"]
-  assert first["options"][first["answer_index"]] == "Jaws"
+  assert first["options"][first["answer_index"]] == "Jaws" == first["label"]
+  for example in examples:  # distractors from the target's band: all as popular as the target
+    assert set(example["options"]) - {example["label"]} <= {"A", "B", "C", "D", "Up", "Jaws"}
+    assert example["option_popularity"] == [50.0] * 4 and len(set(example["options"])) == 4
   assert "Heat" not in first["options"]  # a movie the user already saw is no distractor
-  assert len(set(first["options"])) == 4
-  again = tasks.movielens_future_movie_examples([short, full], pool, num_history=5, seed=0)
+  # The content baseline's counts: Drama is in all of u2's shown movies (5), the target is Comedy.
+  assert second["history_option_counts"][second["answer_index"]] == 0.0
+  assert sorted(second["history_option_counts"]) == [0.0, 5.0, 5.0, 5.0]
+  again = tasks.movielens_future_movie_examples([short, full], bands, titles, genres,
+                                                num_history=5, seed=0)
   assert again == examples
   assert tasks.favorite_genre([_movie("1", "a", ("B", "A"), 1), _movie("2", "b", ("A",), 2)]) == "A"
-  genre = tasks.movielens_favorite_genre_examples([short], ["Crime", "Horror", "Comedy", "Drama",
-                                                            "War"], num_history=3)[0]
-  assert genre["options"][genre["answer_index"]] == "Horror"
-  with pytest.raises(ValueError, match="Unknown RLPF task"):
+
+
+def test_favorite_genre_options_are_fixed_for_everyone():
+  users = [uh.UserHistory(f"u{k}", (_movie("1", "Heat", ("Crime",), 1),),
+                          tuple(_movie(str(t), "x", (g,), t) for t, g in
+                                enumerate([g1, g1, g2], start=2)), "movielens")
+           for k, (g1, g2) in enumerate([("Horror", "Drama"), ("Drama", "Crime"),
+                                         ("Western", "Western")])]
+  options = ["Drama", "Comedy", "Horror", "Crime"]
+  counts = {"Drama": 40, "Comedy": 30, "Horror": 20, "Crime": 10}
+  examples = tasks.movielens_favorite_genre_examples(users, options, counts, num_history=3,
+                                                     label="count")
+  assert len(examples) == 2  # u2's future has none of the option genres: left out
+  assert [e["label"] for e in examples] == ["Horror", "Drama"]
+  for example in examples:
+    assert sorted(example["options"]) == sorted(options)
+    assert example["options"][example["answer_index"]] == example["label"]
+    assert example["option_popularity"] == [counts[o] for o in example["options"]]
+    assert example["history_option_counts"] == [float(o == "Crime") for o in example["options"]]
+  # "lift": u0 Horror (2/3 of its future vs a 0.2 share); u1 Crime (1/3 vs 0.1 beats 2/3 vs 0.4).
+  lift = tasks.movielens_favorite_genre_examples(users, options, counts, num_history=3)
+  assert [e["label"] for e in lift] == ["Horror", "Crime"]
+  with pytest.raises(UserError, match="Unknown RLPF task"):
     tasks.build_examples("netflix", "test")
-  with pytest.raises(ValueError, match="num_history must be >= 1"):
+  with pytest.raises(UserError, match="num_history must be >= 1"):
     tasks.build_examples("movielens_future_movie", "test", num_history=0)
 
 
 def test_amazon_rating_examples():
   review = dataclasses.replace(_movie("p", "Soap", ("Beauty",), 5), rating=2.0)
   user = uh.UserHistory("a1", (_movie("q", "Comb", ("Beauty",), 1),), (review,), "All_Beauty")
-  example = tasks.amazon_future_rating_examples([user], num_history=4)[0]
+  example = tasks.amazon_future_rating_examples([user], {"5 stars": 9, "2 stars": 1},
+                                                num_history=4)[0]
   assert example["options"][example["answer_index"]] == "2 stars"
+  assert sorted(example["options"]) == sorted(tasks.STAR_OPTIONS)  # the fixed 5 options
+  assert example["option_popularity"][example["options"].index("5 stars")] == 9
+  assert example["history_option_counts"][example["options"].index("4 stars")] == 1
   assert '"Soap"' in example["question"] and example["domain"] == "shopping"
 
 
@@ -174,8 +218,8 @@ def test_amazon_seqio_tasks_on_the_real_slice(shared_dir, capsys):
     examples = tasks.load_examples(name, "test")
     assert examples, task_name
     for example in examples:
-      assert len(set(example["options"])) == 4, example
-      assert 0 <= example["answer_index"] < 4
+      assert len(set(example["options"])) == (5 if task_name.endswith("rating") else 4), example
+      assert 0 <= example["answer_index"] < len(example["options"])
       assert example["num_history_items"] == 4  # each slice user has 4 reviews of context
   # The test split has one user whose held-out product has no main category: left out, and said so.
   assert "left out 1 of 23 users" in capsys.readouterr().out
