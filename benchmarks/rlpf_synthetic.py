@@ -9,7 +9,8 @@ user prefer? (the 4 categories: a fixed option list for everyone, popularity is 
                `--budget` tokens (8) -- the policy RLPF trains (full fine-tuning);
   predictor    frozen and separate from the policy, in closed form: it counts each category's items
                in its context and picks the most frequent (ties: fractional credit 1/#tied);
-  reward       accuracy + w * min(C, beta * (L - len)), L = `--target_length` (4) < budget;
+  reward       accuracy + w * min(C, beta * (L - len)), L = `--target_length` (4) < budget; a
+               summary with no item gets the minimum reward (as in `rlpf.model`);
   RL           the core's `rl.Learner` with `rl.PromptRollouts` (RLOO, 4 summaries per user).
 
 Rows per seed (held-out synthetic users): chance, full history (the predictor on all 64 items),
@@ -82,6 +83,10 @@ def run_seed(seed: int, args) -> dict:
   decoder = pnn.build_decoder(config, seed)
   policy = rl.PolicyWithValue(decoder)
 
+  minimum = args.length_weight * float(length_reward(
+      np.array([args.budget]), target_length=args.target_length, beta=args.length_beta,
+      cap=args.length_cap)[0])
+
   def reward_fn(rows, rollout):
     responses = rollout.response_token_lists(stop_tokens=(EOS,))
     accuracy = np.array([predictor_correct(r, row["answer_index"]) for r, row in zip(responses, rows)],
@@ -89,6 +94,12 @@ def run_seed(seed: int, args) -> dict:
     lengths = np.array([len(r) for r in responses], np.float32)
     rewards = accuracy + args.length_weight * length_reward(
         lengths, target_length=args.target_length, beta=args.length_beta, cap=args.length_cap)
+    # As in rlpf.model.summary_rewards: a summary with no item gets the minimum reward (otherwise
+    # an empty summary earns the tie credit 1/4 plus the full length bonus, and the policy collapses
+    # to empty summaries -- seen in a first run).
+    empty = np.array([all(category_of(t) < 0 for t in r) for r in responses])
+    accuracy[empty] = 0.0
+    rewards[empty] = minimum
     return {"rewards": rewards, "prediction_accuracy": accuracy, "summary_tokens": lengths}
 
   source = rl.PromptRollouts(rl.ExampleCycler(train, args.batch_size, seed=seed), reward_fn,
