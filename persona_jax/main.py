@@ -13,6 +13,12 @@ never by a list kept here. Gin files are looked up as given, then inside the ins
 (`persona_jax/gin/`), so `--gin_file=gin/coprocessor.gin` works from the repository and from an
 installed wheel alike.
 
+A rerun in the same workdir is checked against the first run's config and base model before any
+work or write (`persona_jax.train.run_identity`): a change to what shapes the model, the data or the
+base is refused, naming the bindings, unless `--allow_config_change`; config.gin stays the first
+run's and a changed rerun's config is added as config.step<N>.gin. A SIGTERM anywhere in the run exits
+with status 75 (inside the training loop after saving a checkpoint).
+
 User errors (`persona_jax.errors.UserError`: a missing gin file, an unknown binding, an unwritable
 workdir, data that is not prepared, a bad config value) print one message naming the fix and exit
 with status 1; `--traceback` shows the full traceback. Any other exception is a bug and keeps its
@@ -46,6 +52,9 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'TrainConfig.n
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and config.gin "
                     "(default: runs/<name of the last --gin_file> under the current directory).")
 flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors too.")
+flags.DEFINE_bool("allow_config_change", False, "Continue a run in a workdir whose recorded config or "
+                  "base model differs in what shapes the model, the data or the base (the new config "
+                  "is kept as config.step<N>.gin beside the first run's config.gin).")
 flags.DEFINE_bool("list_jobs", False, "List the registered methods (one line each) and the generic jobs, "
                   "then exit.")
 flags.DEFINE_string("describe", None, "Print a method's gin configurables with their defaults "
@@ -77,13 +86,20 @@ def parse_gin(gin_files: list[str], gin_bindings: list[str]) -> None:
   files = [resolve_gin_file(f) for f in gin_files]
   gin.add_config_file_search_path(str(GIN_DIR))
   gin.add_config_file_search_path(str(PACKAGE_DIR))
-  try:
-    gin.parse_config_files_and_bindings(files, gin_bindings, finalize_config=False)
-  except (ValueError, KeyError, SyntaxError, OSError, ImportError) as error:
-    message = str(error).strip()
-    raise UserError(f"Gin config could not be applied: {message}\nFix the binding or gin file named "
-                    "above (check the configurable's name and its argument; a method's configurables "
-                    "exist only once its module is imported).") from error
+  # Files first, then each --gin_bindings value on its own, so an error names the one that failed
+  # (gin's own message says only "line 1" of the joined bindings).
+  for source, apply in ([(f"--gin_file={path}", lambda path=path: gin.parse_config_file(path))
+                         for path in files] +
+                        [(f"--gin_bindings={binding!r}", lambda binding=binding: gin.parse_config(binding))
+                         for binding in gin_bindings]):
+    try:
+      apply()
+    except (ValueError, KeyError, SyntaxError, OSError, ImportError) as error:
+      message = str(error).strip()
+      raise UserError(f"Gin config could not be applied: {source} failed: {message}\nFix the binding "
+                      "or gin file named above (check the configurable's name and its argument, and "
+                      "that a value follows '='; a method's configurables exist only once its module "
+                      "is imported).") from error
   if not _has_binding("run.job"):
     raise UserError("No job selected: bind one, e.g. --gin_bindings='run.job = @train' or "
                     "--gin_file=gin/pretrain.gin.")
@@ -120,17 +136,93 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def write_config(workdir: str, text: str) -> None:
+def write_config(workdir: str, text: str, name: str = "config.gin") -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    workdir_lib.write_text(workdir_lib.join(workdir, "config.gin"), text)
+    workdir_lib.write_text(workdir_lib.join(workdir, name), text)
+
+
+def check_method_bindings() -> None:
+  """Refuses a binding for a configurable of another method's room than `run.method`'s: the job would
+  never read it (it used to be ignored and missing from config.gin). The core's configurables
+  (TrainConfig, DecoderSource, run, rl.learner, ...) belong to every method."""
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  from persona_jax.train import method as method_lib  # pylint: disable=g-import-not-at-top
+
+  selected = gin.query_parameter("run.method")
+  names = method_lib.discover_methods()
+  if selected not in names:
+    raise UserError(f"run.method = {selected!r} is not a registered method; registered: {names} "
+                    "(--list_jobs lists them).")
+
+  def home(name: str) -> str:  # persona_jax.<room> for a room's job.py, the module for a core method
+    module = method_lib.get_method(name).__module__
+    return module.rsplit(".", 1)[0] if module.endswith(".job") else module
+
+  own = home(selected)
+  others = {home(name): name for name in names if home(name) != own}
+  for (scope, selector), arguments in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if selector == "gin.macro":
+      continue
+    configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+    module = getattr(configurable.wrapped, "__module__", "") or ""
+    for other, name in others.items():
+      if module == other or module.startswith(other + "."):
+        shown = gin_config._REGISTRY.minimal_selector(selector)  # pylint: disable=protected-access
+        bound = ", ".join(f"{scope + '/' if scope else ''}{shown}.{arg}" for arg in arguments)
+        raise UserError(f"Binding {bound} configures method {name!r} ({other}), but run.method = "
+                        f"{selected!r}: that job never reads it. Fix: remove the binding (from "
+                        f"--gin_bindings or the gin file), or select that method with "
+                        f"--gin_bindings=\"run.method = '{name}'\".")
+
+
+class Preempted(BaseException):
+  """SIGTERM arrived outside a Trainer's loop (data setup, compile, evaluation, export of tables).
+
+  A BaseException (as KeyboardInterrupt) so no `except Exception` on the way swallows it; `main` exits
+  with `PREEMPTED_EXIT_CODE`. Inside the loop the Trainer's own handler takes over (it saves first).
+  """
+
+
+class _SigtermForTheWholeRun:
+  """Installs a SIGTERM handler for the whole of `run_main` (issue 19): before, a SIGTERM during data
+  setup, compilation or the final evaluation killed the process with the default action (status
+  -15, no checkpoint logic). While a Trainer's loop runs, its own handler replaces this one (it saves
+  a checkpoint after the current step and the job returns `preempted`); anywhere else this one raises
+  `Preempted` at once: what was saved is kept (the loop always saves its final step before the final
+  evaluation), and `main` exits 75 so the launcher reruns the command, which resumes."""
+
+  def __init__(self):
+    self.previous = None
+    self.received = False
+
+  def __enter__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    if threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.received:  # already unwinding: let the cleanup (checkpoint wait) finish
+      return
+    self.received = True
+    raise Preempted("SIGTERM received outside the training loop; every checkpoint saved so far is "
+                    "kept: rerun the same command to resume.")
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=g-import-not-at-top
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 # Exceptions that come from bad flags, files, bindings or data rather than from bugs.
 USER_ERROR_TYPES = (UserError,)
 
 
-def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None):
+def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None, *,
+             allow_config_change: bool = False):
   """Everything `main` does, callable from Python (tests, notebooks)."""
   from persona_jax.train.partitioning import maybe_initialize_distributed  # pylint: disable=g-import-not-at-top
 
@@ -139,12 +231,22 @@ def run_main(gin_files: list[str], gin_bindings: list[str], workdir: str | None)
   maybe_initialize_distributed()
   import_job_modules()
   parse_gin(gin_files, gin_bindings)
-  write_config(workdir, gin.config_str())  # what was asked for; replaced by the operative one below
+  check_method_bindings()
   from persona_jax.train import jobs  # pylint: disable=g-import-not-at-top
+  from persona_jax.train import run_identity  # pylint: disable=g-import-not-at-top
 
+  # The run's identity is checked before anything is written (see persona_jax/train/run_identity.py):
+  # config.gin stays the first run's; a changed rerun's config is added as config.step<N>.gin.
+  decision = run_identity.check(workdir, allow_change=allow_config_change)
+  for note in decision.notes:
+    print(note, flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    run_identity.write(workdir, decision, gin.config_str())  # what was asked for; operative below
   with gin.unlock_config():
     result = jobs.run(workdir)
-  write_config(workdir, gin.operative_config_str())
+  if decision.config_file is not None:
+    write_config(workdir, gin.operative_config_str(), decision.config_file)
   return result
 
 
@@ -182,8 +284,10 @@ def main(argv):
       sys.exit(1)
     return
   try:
-    result = run_main(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
-  except trainer_lib.Preempted as error:  # a job that called raise_if_preempted()
+    with _SigtermForTheWholeRun():
+      result = run_main(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir,
+                        allow_config_change=FLAGS.allow_config_change)
+  except (trainer_lib.Preempted, Preempted) as error:  # raise_if_preempted(), or SIGTERM outside the loop
     print(f"preempted: {error}", file=sys.stderr, flush=True)
     sys.exit(trainer_lib.PREEMPTED_EXIT_CODE)
   except USER_ERROR_TYPES as error:
