@@ -15,7 +15,11 @@ parameters (no optimizer state), and then:
     `<output_dir>/peft/<name>/`, next to the exported base.
 `<output_dir>/export_manifest.json` lists every artifact, and every module that could not be
 exported with the reason (a decoder carrying a method module in `Block.after` has no `transformers`
-equivalent).
+equivalent). `<output_dir>/README.md` is the model card: the method, the base model, the step, the
+run's operative config (also copied as `training_config.gin`), the evaluation tables the run wrote
+(`<workdir>/*.md`), how to load each artifact, and the license note. PEFT adapters get
+`base_model_name_or_path`: the base's hub id when the run started from a hub model, else the exported
+base's path relative to `<output_dir>`.
 
 Safety: config.gin may only import persona_jax modules (any other `import` line is refused, so a
 workdir's config cannot run arbitrary code); everything is written into a staging directory beside
@@ -44,6 +48,13 @@ FLAGS = flags.FLAGS
 CONFIG_FILE = "config.gin"
 MANIFEST_FILE = "export_manifest.json"
 PEFT_DIR = "peft"
+CARD_FILE = "README.md"
+# The run's config inside an export; not `config.gin`, which marks a workdir (see check_output_dir).
+CONFIG_COPY = "training_config.gin"
+# Licenses of the short-named bases (`persona_jax.hf.pretrained.SHORT_NAMES`), for the model card.
+KNOWN_LICENSES = {"smollm2-135m-instruct": ("apache-2.0", "SmolLM2-135M-Instruct (HuggingFaceTB) is "
+                                            "released under Apache-2.0")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def find_decoders(model) -> list[tuple[str, Any]]:
@@ -82,6 +93,14 @@ def export_decoder(decoder, out_dir: pathlib.Path, *, remove_adapters: bool = Fa
   save_pretrained(decoder, out_dir, tokenizer=tokenizer, chat_template=chat_template,
                   special_tokens=special_tokens)
   return merged
+
+
+def _write_tokenizer(model_dir: pathlib.Path, tokenizer_files: dict) -> None:
+  """Adds the tokenizer files `save_pretrained` writes to a `transformers` model dir a method wrote."""
+  from persona_jax.hf.tokenizer import write_tokenizer_dir  # pylint: disable=g-import-not-at-top
+  max_positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+  write_tokenizer_dir(model_dir, tokenizer_files["tokenizer"], tokenizer_files["chat_template"],
+                      tokenizer_files["special_tokens"], max_positions)
 
 
 def copy_peft_adapters(workdir: pathlib.Path, output_dir: pathlib.Path) -> dict[str, str]:
@@ -167,8 +186,13 @@ def export(workdir: str, output_dir: str, *, step: int | None = None, tokenizer:
   from persona_jax.train.trainer import TrainConfig  # pylint: disable=g-import-not-at-top
   from persona_jax.hf.staging import staged_directory  # pylint: disable=g-import-not-at-top
 
+  from persona_jax.train import run_identity  # pylint: disable=g-import-not-at-top
+
   workdir_path = pathlib.Path(workdir).expanduser().absolute()
   config_path = workdir_path / CONFIG_FILE
+  record = run_identity.read_record(str(workdir_path)) if config_path.is_file() else None
+  if record is not None:  # a run continued with --allow_config_change: its latest config built it
+    config_path = workdir_path / record["configs"][-1].get("file", CONFIG_FILE)
   if not config_path.is_file():
     raise MissingFileError(f"--workdir={workdir}: no {CONFIG_FILE}; point it at the workdir of a job "
                            "run with `python -m persona_jax.main`.")
@@ -176,8 +200,14 @@ def export(workdir: str, output_dir: str, *, step: int | None = None, tokenizer:
   check_output_dir(output, workdir_path, overwrite)
 
   checkpointer = Checkpointer(str(workdir_path / "checkpoints"), async_save=False)
+  checkpoint_meta = None
   try:
     steps = checkpointer.all_steps()
+    if steps:
+      try:
+        checkpoint_meta = checkpointer.restore_meta(step if step in steps else max(steps))
+      except Exception:  # pylint: disable=broad-except  # the card falls back to the method's own
+        checkpoint_meta = None
   finally:
     checkpointer.close()
   peft_only = not steps and (workdir_path / PEFT_DIR).is_dir()
@@ -230,14 +260,217 @@ def export(workdir: str, output_dir: str, *, step: int | None = None, tokenizer:
                          + (f", {merged} LoRA adapters {'removed' if peft_only else 'merged'}"
                             if merged else "")
                          + (", with tokenizer" if tokenizer_files else ""))
-    artifacts.update(method.export_artifacts(model, staging))
-    artifacts.update(copy_peft_adapters(workdir_path, staging))
+    method_artifacts = method.export_artifacts(model, staging) or {}
+    for name in method_artifacts:
+      # A module the generic loop could not write (a decoder with method modules in Block.after)
+      # that the method wrote itself (User-LLM: the base without its cross-attention layers).
+      not_exported.pop(name, None)
+      if (tokenizer_files and (staging / name / "config.json").is_file()
+          and not (staging / name / "tokenizer.json").exists()):
+        _write_tokenizer(staging / name, tokenizer_files)
+    artifacts.update(method_artifacts)
+    copied = copy_peft_adapters(workdir_path, staging)
+    artifacts.update(copied)
     if not artifacts:
       raise UserError(f"Nothing in the {method_name} job's model could be exported: {not_exported}")
+    base = base_model(method, checkpoint_meta)
+    exported_decoders = [name for name in artifacts if (staging / name / "config.json").is_file()]
+    peft_base = ("decoder" if "decoder" in exported_decoders
+                 else exported_decoders[0] if exported_decoders else None)
+    if copied:
+      from persona_jax.hf.peft import set_base_model_name_or_path  # pylint: disable=g-import-not-at-top
+      # The hub id when the adapters apply to the unchanged hub model (a PEFT-only export); else the
+      # exported base, relative to the export directory.
+      recorded = base["hub_id"] if peft_only and base["hub_id"] else peft_base
+      set_base_model_name_or_path(staging / PEFT_DIR, recorded)
+      peft_base = recorded
+    (staging / CONFIG_COPY).write_text(config_text)
+    artifacts[CONFIG_COPY] = "the run's operative gin config"
+    artifacts[CARD_FILE] = "model card"
+    (staging / CARD_FILE).write_text(model_card(
+        method=method, method_name=method_name, base=base, step=restored_step,
+        config_text=config_text, workdir=workdir_path, staging=staging, artifacts=artifacts,
+        not_exported=not_exported, tokenizer=tokenizer, peft_base=peft_base))
     manifest = {"method": method_name, "workdir": str(workdir_path), "step": restored_step,
-                "tokenizer": tokenizer, "artifacts": artifacts, "not_exported": not_exported}
+                "tokenizer": tokenizer, "base_model": base["hub_id"] or base["describe"],
+                "artifacts": artifacts, "not_exported": not_exported}
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
   return manifest
+
+
+# Model card ---------------------------------------------------------------------------------------
+def hub_id(pretrained: str | None) -> str | None:
+  """`pretrained` when it names a Hugging Face hub model ('org/name', not a local path), else None."""
+  if not pretrained or pathlib.Path(pretrained).expanduser().exists():
+    return None
+  if pretrained.startswith((".", "~", "/")) or pretrained.endswith(".gguf"):
+    return None
+  return pretrained if _HUB_ID.match(pretrained) else None
+
+
+def base_model(method, checkpoint_meta: dict | None) -> dict:
+  """What the card says about the base: {"pretrained", "preset", "hub_id", "describe", "recorded"}.
+
+  From the method's `DecoderSource` (the gin binding as written, e.g. a hub id or a short name) and
+  the checkpoint's recorded `base` (the resolved source, or the preset, vocab size and seed).
+  """
+  from persona_jax.hf.source import DecoderSource  # pylint: disable=g-import-not-at-top
+
+  source = getattr(method, "source", None)
+  if not isinstance(source, DecoderSource):
+    try:
+      with gin.unlock_config():
+        source = DecoderSource()
+    except UserError:
+      source = None
+  recorded = (checkpoint_meta or {}).get("base")
+  if recorded is None:
+    for attribute in ("base_info", "base"):
+      if isinstance(getattr(method, attribute, None), dict):
+        recorded = getattr(method, attribute)
+        break
+  pretrained = source.pretrained if source is not None else None
+  preset = source.preset if source is not None else None
+  if isinstance(recorded, dict) and "preset" in recorded:
+    pretrained, preset = None, recorded["preset"]
+  return {"pretrained": pretrained, "preset": preset, "hub_id": hub_id(pretrained),
+          "describe": (pretrained or (f"random {preset}" if preset else "unknown")),
+          "recorded": recorded}
+
+
+def eval_tables(workdir: pathlib.Path) -> list[tuple[str, str]]:
+  """[(file name, markdown)] of the tables the generic jobs wrote (`<workdir>/*.md`), eval_table first."""
+  tables = sorted(workdir.glob("*.md"), key=lambda p: (p.stem != "eval_table", p.name))
+  return [(path.name, path.read_text().strip()) for path in tables if path.is_file()]
+
+
+def _loader_usage(path: pathlib.Path) -> str:
+  """The usage paragraph(s) of an exported loader script: its module docstring."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    return (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
+  except SyntaxError:
+    return ""
+
+
+def _how_to_load(name: str, what: str, staging: pathlib.Path, has_tokenizer: bool,
+                 base_dir: str | None) -> str:
+  """A markdown paragraph + snippet that loads one artifact (`name` relative to the export)."""
+  path = staging / name
+  if path.is_dir() and (path / "config.json").is_file():
+    lines = ["from transformers import AutoModelForCausalLM"
+             + (", AutoTokenizer" if has_tokenizer else ""),
+             f'model = AutoModelForCausalLM.from_pretrained("{name}")']
+    if has_tokenizer:
+      lines.append(f'tokenizer = AutoTokenizer.from_pretrained("{name}")')
+    lines += ["# or in JAX: persona_jax.hf.load_pretrained(" f'"{name}")']
+    return f"`{name}/` ({what}), with `transformers`:\n\n```python\n" + "\n".join(lines) + "\n```"
+  if name.startswith(PEFT_DIR + "/") and path.is_dir():
+    adapters = sorted(str(c.parent.relative_to(path)) for c in path.rglob("adapter_config.json"))
+    lines = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+             f'base = AutoModelForCausalLM.from_pretrained("{base_dir or "<the base model>"}")',
+             f'model = PeftModel.from_pretrained(base, "{name}/{adapters[0]}", '
+             f'adapter_name="{adapters[0]}")']
+    lines += [f'model.load_adapter("{name}/{a}", adapter_name="{a}")' for a in adapters[1:]]
+    if len(adapters) > 1:
+      lines.append(f"model.base_model.set_adapter({adapters!r})  # all active: their LoRAs add up")
+    lines.append(f'# or: persona_jax.hf.peft.peft_model(base, "{name}") (same, every adapter active)')
+    return (f"`{name}/` ({what}: {', '.join(adapters)}), with `peft` on the exported base:\n\n"
+            "```python\n" + "\n".join(lines) + "\n```")
+  if path.suffix == ".py":
+    usage = _loader_usage(path)
+    return (f"`{name}` ({what}). Its usage (from the script's docstring; it needs torch, "
+            f"transformers and safetensors, not JAX):\n\n```\n{usage}\n```")
+  return f"`{name}`: {what}."
+
+
+def model_card(*, method, method_name: str, base: dict, step: int | None, config_text: str,
+               workdir: pathlib.Path, staging: pathlib.Path, artifacts: dict[str, str],
+               not_exported: dict[str, str], tokenizer: str | None,
+               peft_base: str | None) -> str:
+  """The export's README.md (Hugging Face model card: YAML metadata, then markdown)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  license_id, license_note = None, None
+  if base["pretrained"] in KNOWN_LICENSES:
+    license_id, license_note = KNOWN_LICENSES[base["pretrained"]]
+  elif base["preset"]:
+    license_id = "apache-2.0"
+    license_note = (f"the base is the randomly initialized preset {base['preset']!r}: no upstream "
+                    "weights, only this run's training")
+  elif base["hub_id"]:
+    license_note = (f"the weights derive from {base['hub_id']}; its license (see "
+                    f"https://huggingface.co/{base['hub_id']}) governs them")
+  else:
+    license_note = (f"the weights derive from {base['describe']}; its license governs them (persona_jax "
+                    "does not know it)")
+  peft_only = all(name.startswith(PEFT_DIR + "/") or not (staging / name).is_dir()
+                  for name in artifacts) and any(n.startswith(PEFT_DIR + "/") for n in artifacts)
+  front = ["---", f"library_name: {'peft' if peft_only else 'transformers'}",
+           f"tags: [persona_jax, {method_name}]"]
+  if base["hub_id"]:
+    front.append(f"base_model: {base['hub_id']}")
+  front.append(f"license: {license_id or 'other'}")
+  front.append("---")
+
+  summary = (inspect.getdoc(type(method)) or "").strip().split("\n\n")[0].replace("\n", " ")
+  try:
+    settings = method.description()
+  except Exception:  # pylint: disable=broad-except
+    settings = None
+  at = f"step {step}" if step is not None else "its PEFT adapters (no checkpoint: the base is untrained)"
+  out = front + ["", f"# {method_name} (persona_jax export)", "",
+                 f"Exported by `python -m persona_jax.export` from the run `{workdir}` at {at}.", "",
+                 "## Method", "", f"**{method_name}**: {summary}"]
+  if settings and settings != method_name:
+    out += ["", f"This run: {settings}."]
+  out += ["", "## Base model", "", f"- Base: `{base['describe']}`"
+          + (f" (Hugging Face hub: [{base['hub_id']}](https://huggingface.co/{base['hub_id']}))"
+             if base["hub_id"] else "")]
+  if base["recorded"] is not None:
+    out.append(f"- Recorded in the checkpoint: `{json.dumps(base['recorded'], sort_keys=True)}`")
+  out.append(f"- Tokenizer: `{tokenizer}`" if tokenizer else
+             "- Tokenizer: none saved (the run used the bytes vocabulary or none)")
+
+  out += ["", "## Training config", "",
+          f"The run's operative gin config (`{CONFIG_COPY}` in this directory; rerun it with "
+          f"`python -m persona_jax.main --gin_file={CONFIG_COPY} --workdir=...`):", "",
+          "```gin", config_text.strip(), "```"]
+
+  out += ["", "## Evaluation", ""]
+  tables = eval_tables(workdir)
+  final = workdir / "final_metrics.json"
+  final_step = None
+  if final.is_file():
+    try:
+      final_step = json.loads(final.read_text()).get("step")
+    except json.JSONDecodeError:
+      final_step = None
+  if tables:
+    out.append("The tables the run wrote (`<workdir>/<name>.md`; `*_restored.md` come from "
+               "`run.job = @evaluate`)"
+               + (f", after training to step {final_step}" if final_step is not None else "") + ":")
+    if final_step is not None and step is not None and final_step != step:
+      out.append(f"\n**Note:** this export is step {step}, not the evaluated step {final_step}.")
+    for name, table in tables:
+      out += ["", f"### {name}", "", table]
+  else:
+    out.append("The run wrote no evaluation table (`<workdir>/*.md`); run "
+               "`python -m persona_jax.main --gin_bindings='run.job = @evaluate' ...` to make one.")
+
+  out += ["", "## How to load", "", "Paths are relative to this directory."]
+  for name, what in artifacts.items():
+    if name in (CARD_FILE, CONFIG_COPY):
+      continue
+    out += ["", "- " + _how_to_load(name, what, staging, tokenizer is not None, peft_base)]
+  if not_exported:
+    out += ["", "Not exported:"] + [f"- `{name}`: {reason}" for name, reason in not_exported.items()]
+
+  out += ["", "## License", "",
+          "The loader scripts and the persona_jax code that wrote this export are Apache-2.0 (the "
+          f"project's LICENSE). The weights: {license_note}. The training data's own terms apply to "
+          "what the model learned from it."]
+  return "\n".join(out).rstrip() + "\n"
 
 
 def define_flags():
