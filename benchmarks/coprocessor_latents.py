@@ -8,6 +8,11 @@ tiny_shakespeare's validation split and on WikiText-2 validation (a file of ../s
   TFDS_DATA_DIR=../shared/tfds python -m benchmarks.coprocessor_latents \
       --num_steps=60 --wikitext=../shared/data/text/wikitext2_valid.txt --out=/tmp/latents.md
 
+A tiny check of the plumbing (a random 2-layer model, bytes vocabulary, seconds per configuration):
+
+  TFDS_DATA_DIR=../shared/tfds python -m benchmarks.coprocessor_latents --gin_file=gin/coprocessor_smoke.gin \
+      --num_latents 2 --num_steps=2 --num_eval_batches=1 --workdir=/tmp/latents_smoke
+
 Prints one markdown table per configuration and data set, and a summary (position 1 and mean over
 positions); `--out` also writes them to a file.
 """
@@ -22,9 +27,9 @@ import time
 import gin
 import jax
 
-from persona_jax import main as main_lib  # registers `run`, which the gin file binds
 from persona_jax.coprocessor import eval as eval_lib
-from persona_jax.coprocessor import train as train_lib
+from persona_jax.coprocessor.job import Coprocessor
+from persona_jax.train import jobs
 from persona_jax.train.trainer import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,30 +37,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_config(args, variant: str, num_latents: int, workdir: str) -> dict:
   gin.clear_config()
-  main_lib.import_job_modules()
-  gin.parse_config_file(os.path.join(REPO, "gin", "coprocessor.gin"))
+  jobs.discover_methods()  # registers `run` / `train`, which the gin file binds
+  gin.parse_config_file(args.gin_file)
   config = TrainConfig(num_steps=args.num_steps, learning_rate=args.learning_rate,
-                       warmup_steps=min(10, args.num_steps // 5), checkpoint_every=0,
+                       warmup_steps=min(10, args.num_steps // 5), checkpoint_every=0, eval_every=0,
                        log_every=max(1, args.num_steps // 10), async_checkpointing=False)
-  job = train_lib.build_job(workdir, variant=variant, num_latents=num_latents,
-                            num_eval_batches=args.num_eval_batches, train_config=config)
-  started = time.time()
-  job.trainer.train(job.train_data)
-  train_seconds = time.time() - started
-  model = job.trainer.model()
+  with gin.unlock_config():
+    method = Coprocessor(variant=variant, num_latents=num_latents,
+                         num_eval_batches=args.num_eval_batches)
+    method.setup(workdir)
+    started = time.time()
+    fit = method.fit(jobs.make_run(method, workdir, config))
+    train_seconds = time.time() - started
+  model = fit.model
   results = {"train_seconds": train_seconds}
-  eval_sets = {"tiny_shakespeare:validation": job.eval_batches}
+  eval_sets = {f"{method.eval_dataset or method.dataset}:{method.eval_split}": method.eval_batches}
   if args.wikitext:
     from persona_jax import data as pdata
 
-    vocab = pdata.get_vocabulary("smollm2-135m-instruct")
-    task = pdata.lm_task(args.wikitext, vocab)
+    task = pdata.lm_task(args.wikitext, method.vocabulary)
     eval_sets["wikitext2:validation"] = lambda: pdata.make_iterator(
-        task, split="validation", sequence_length=args.sequence_length, batch_size=4, shuffle=False,
-        pack=True, num_epochs=1, drop_remainder=False)
+        task, split="validation", sequence_length=method.sequence_length, batch_size=4,
+        shuffle=False, pack=True, num_epochs=1, drop_remainder=False)
   for name, batches in eval_sets.items():
-    results[name] = eval_lib.evaluate_perplexity(model, batches(), num_traces=job.num_traces,
-                                                 ahead_tokens=job.ahead_tokens,
+    results[name] = eval_lib.evaluate_perplexity(model, batches(), num_traces=method.eval_traces,
+                                                 ahead_tokens=method.ahead_tokens,
                                                  max_batches=args.num_eval_batches)
   return results
 
@@ -66,7 +72,8 @@ def main():
   parser.add_argument("--num_steps", type=int, default=60)
   parser.add_argument("--learning_rate", type=float, default=3e-4)
   parser.add_argument("--num_eval_batches", type=int, default=16)
-  parser.add_argument("--sequence_length", type=int, default=128)
+  parser.add_argument("--gin_file", default=os.path.join(REPO, "gin", "coprocessor.gin"),
+                      help="The coprocessor config (gin/coprocessor_smoke.gin: a tiny random model).")
   parser.add_argument("--wikitext", default=os.path.join(REPO, "..", "shared", "data", "text",
                                                          "wikitext2_valid.txt"))
   parser.add_argument("--workdir", default="/tmp/coprocessor_latents")

@@ -3,16 +3,17 @@
   TFDS_DATA_DIR=../shared/tfds python -m benchmarks.export_parity --workdir=<trained workdir> \
       --output_dir=<dir> [--prompt=...]
 
-Exports the workdir with `persona_jax.export.export` into `<output_dir>/export/`, rebuilds and
-restores the same job in JAX, and compares logits on one prompt (float32 on both sides):
+Exports the workdir with `persona_jax.export.export` into `<output_dir>/export/`, rebuilds the same
+method from the workdir's config.gin through the method registry (`run.method`), restores it in JAX
+(`Method.restore`), and compares logits on one prompt (float32 on both sides):
   * every exported decoder dir, loaded with `transformers.AutoModelForCausalLM`, against the restored
     JAX decoder (LoRA adapters unmerged in JAX, merged in the export; for a job with PEFT adapters
     and no checkpoint, both without the adapters);
   * coprocessor: the exported `coprocessor_loader.py`'s augmented logits (base reads the prompt but its
     last token, latents appended, then the last token) against `CacheCoprocessor.augment_cache`;
   * milp: for every user in `<export>/peft/`, `persona_jax.hf.peft.peft_model(base, dir)` against
-    `job.restore_user(user)`, with the memory's own effect `max |peft - base|` beside it, so a
-    parity figure far below the effect shows the adapters were applied, not just loaded.
+    `method.restore_user('users', user)`, with the memory's own effect `max |peft - base|` beside it,
+    so a parity figure far below the effect shows the adapters were applied, not just loaded.
 The prompt's token ids come from the exported tokenizer (`transformers.AutoTokenizer`) when the job
 has a Hugging Face one, checked equal to persona_jax's; for the bytes vocabulary from
 `persona_jax.data.get_vocabulary("bytes")`. Prints a markdown table and writes
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import importlib.util
 import json
 import os
@@ -42,22 +42,26 @@ from benchmarks.common import markdown_table
 from persona_jax import export as export_lib
 from persona_jax import sampling
 from persona_jax.nn import lora
+from persona_jax.train import TrainConfig, jobs
+from persona_jax.train.method import Run, get_method
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
-def restore_job(workdir: pathlib.Path, room: str, step: int | None):
-  """The room's job rebuilt from the workdir's config.gin, its checkpoint `step` restored (None: no
-  checkpoint, as `export` does for PEFT-only workdirs)."""
-  config_text = (workdir / export_lib.CONFIG_FILE).read_text()
-  build_job = importlib.import_module(f"persona_jax.{room}.train").build_job  # export checked it exists
+def restore_method(workdir: pathlib.Path, step: int | None):
+  """The method rebuilt from the workdir's config.gin through the registry (as `persona_jax.export`
+  does) and its trained model restored at checkpoint `step` (None: no checkpoint, as `export` does for
+  PEFT-only workdirs: the method's base). Returns (method name, method, model)."""
+  config_text = export_lib.read_config(workdir / export_lib.CONFIG_FILE)
+  jobs.discover_methods()
   gin.clear_config()
-  gin.parse_config(export_lib.room_config(config_text, room))
+  gin.parse_config(config_text)
+  name = gin.query_parameter("run.method")
   with gin.unlock_config():
-    job = build_job(str(workdir))
-  if step is not None:
-    job.trainer.restore(step)
-  return job
+    method = get_method(name)()
+    method.setup(str(workdir))
+    model, _ = method.restore(Run(workdir=str(workdir), config=TrainConfig(), step=step))
+  return name, method, model
 
 
 def prompt_ids(prompt: str, tokenizer_source: str | None, hf_dir: pathlib.Path | None) -> tuple[list[int], dict]:
@@ -124,8 +128,8 @@ def coprocessor_rows(model, export_dir: pathlib.Path, ids: list[int]) -> list[di
   return [row("coprocessor_loader.py augmented logits", float(np.abs(torch_aug - jax_aug).max()), jax_aug)]
 
 
-def milp_rows(job, export_dir: pathlib.Path, ids: list[int]) -> list[dict]:
-  """Each user's exported PEFT memory on the exported base vs `job.restore_user(user)`."""
+def milp_rows(method, export_dir: pathlib.Path, ids: list[int]) -> list[dict]:
+  """Each user's exported PEFT memory on the exported base vs `method.restore_user('users', user)`."""
   from persona_jax.hf.peft import peft_model  # pylint: disable=g-import-not-at-top
 
   peft_dir = export_dir / export_lib.PEFT_DIR
@@ -137,7 +141,7 @@ def milp_rows(job, export_dir: pathlib.Path, ids: list[int]) -> list[dict]:
   base_logits = torch_logits(load_base(), ids)
   rows = []
   for user in users:
-    jax_logits = np.asarray(job.restore_user(user)(jnp.asarray([ids])).logits)
+    jax_logits = np.asarray(method.restore_user("users", user)(jnp.asarray([ids])).logits)
     peft_logits = torch_logits(peft_model(load_base(), peft_dir / user), ids)
     rows.append(row(f"peft/{user} (peft_model)", float(np.abs(peft_logits - jax_logits).max()), jax_logits,
                     memory_effect=float(np.abs(peft_logits - base_logits).max())))
@@ -157,7 +161,10 @@ def main():
   if not config_path.is_file():
     raise SystemExit(f"--workdir={args.workdir}: no {export_lib.CONFIG_FILE}; point it at the workdir of "
                      "a job run with `python -m persona_jax.main`.")
-  room = export_lib.job_room(config_path.read_text(), str(config_path))
+  jobs.discover_methods()
+  gin.clear_config()
+  gin.parse_config(export_lib.read_config(config_path))
+  room = gin.query_parameter("run.method")
   output_dir = pathlib.Path(args.output_dir).expanduser().absolute()
   export_dir = output_dir / "export"
 
@@ -171,8 +178,7 @@ def main():
     raise SystemExit(f"unsupported: the {room} job cannot be exported ({error}); wrote "
                      f"{output_dir / 'export_parity.json'}.") from error
   export_seconds = time.time() - started
-  job = restore_job(workdir, room, manifest["step"])
-  model = job.trainer.model()
+  room, method, model = restore_method(workdir, manifest["step"])
 
   exported_decoders = [name for name, _ in export_lib.find_decoders(model) if name in manifest["artifacts"]]
   hf_dir = export_dir / exported_decoders[0] if exported_decoders else None
@@ -182,7 +188,7 @@ def main():
   if room == "coprocessor":
     rows += coprocessor_rows(model, export_dir, ids)
   elif room == "milp":
-    rows += milp_rows(job, export_dir, ids)
+    rows += milp_rows(method, export_dir, ids)
   rows += [{"artifact": f"{name}/", "unsupported": f"not exported: {reason}"}
            for name, reason in manifest["not_exported"].items()]
 

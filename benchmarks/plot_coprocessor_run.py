@@ -24,8 +24,13 @@ def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
   for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.HasField("simple_value"):
-          scalars.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+        if value.HasField("simple_value"):  # TF1-style summaries
+          number = float(value.simple_value)
+        elif value.metadata.plugin_data.plugin_name == "scalars":  # TF2 / clu metric writers
+          number = float(tf.make_ndarray(value.tensor))
+        else:
+          continue
+        scalars.setdefault(value.tag, []).append((int(event.step), number))
   if not scalars:
     raise ValueError(f"{event_dir}: no TensorBoard scalars; is it the workdir of a finished run?")
   return {tag: sorted(points) for tag, points in scalars.items()}
