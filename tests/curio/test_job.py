@@ -88,16 +88,19 @@ def test_rollout_batch_layout_logprobs_and_advantages(method):
   assert batch["value_mask"].sum() == sum(len(d.turns) for d in dialogues)
   np.testing.assert_allclose(batch["metric/success"], success)
 
-  # DiffLogAcc with gamma 1 telescopes to log b_T(u*) - log b_0(u*) per dialogue.
-  curious = dataclasses.replace(method.settings, reward="diff_log_acc", gamma=1.0)
-  batch = job_lib.dialogue_batch(curious, method.fmt, method.domain, user_model, method.vocab,
-                                 dialogues, policy, policy.decoder)
+  # DiffLogAcc with gamma 1: shaped (phi = 0 at the end) it sums to -log b_0(u*) per dialogue; the
+  # paper's form telescopes to log b_T(u*) - log b_0(u*).
   beliefs = eval_lib.dialogue_beliefs(user_model, method.vocab, dialogues, 8)
   types = np.array([method.domain.type_index(d.profile.user_type) for d in dialogues])
   ends = np.array([len(d.turns) for d in dialogues])
   rows = np.arange(len(dialogues))
-  expected = np.log(beliefs[rows, ends, types]) - np.log(beliefs[rows, 0, types])
-  np.testing.assert_allclose(batch["metric/intrinsic_return"], expected, rtol=1e-4, atol=1e-5)
+  for reward, expected in (
+      ("diff_log_acc", -np.log(beliefs[rows, 0, types])),
+      ("diff_log_acc_paper", np.log(beliefs[rows, ends, types]) - np.log(beliefs[rows, 0, types]))):
+    curious = dataclasses.replace(method.settings, reward=reward, gamma=1.0)
+    batch = job_lib.dialogue_batch(curious, method.fmt, method.domain, user_model, method.vocab,
+                                   dialogues, policy, policy.decoder)
+    np.testing.assert_allclose(batch["metric/intrinsic_return"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_dialogue_rollouts_is_a_resumable_rollout_source(method):
