@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from persona_jax import sampling
@@ -155,7 +156,8 @@ class CacheCoprocessor(nnx.Module):
   # Training-time forward ------------------------------------------------------------------------
   def forward_traces(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                      trace_positions: jax.Array, ahead_tokens: int,
-                     with_baseline: bool = False) -> dict[str, jax.Array]:
+                     with_baseline: bool = False,
+                     latent_source_rows: jax.Array | None = None) -> dict[str, jax.Array]:
     """All K traces of every row in one pass.
 
     Args:
@@ -163,6 +165,9 @@ class CacheCoprocessor(nnx.Module):
       trace_positions: `[batch, K]` augmentation points p (see `masks.sample_trace_positions`).
       ahead_tokens: N_A, the tokens after p whose loss is measured.
       with_baseline: also return the frozen decoder's own NLL of the same tokens (no augmentation).
+      latent_source_rows: `[batch]` int, the control "coprocessor fed another row's cache": row b's
+        trace k gets the latents the coprocessor computed from row `latent_source_rows[b]`'s cache
+        at that row's trace k (None: every row its own latents).
     Returns:
       dict with `nll` `[batch, K, N_A]` fp32 (position i: NLL of x_{p+1+i}, predicted by ahead token
       x_{p+i} reading the augmented cache) and, with_baseline, `baseline_nll` of the same shape.
@@ -170,7 +175,8 @@ class CacheCoprocessor(nnx.Module):
     originals = self.encode_originals(tokens, segment_ids, positions,
                                       num_traces=trace_positions.shape[1], ahead_tokens=ahead_tokens)
     return self.augmented_nll(originals, tokens, segment_ids, positions, trace_positions,
-                              ahead_tokens, with_baseline=with_baseline)
+                              ahead_tokens, with_baseline=with_baseline,
+                              latent_source_rows=latent_source_rows)
 
   def encode_originals(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
                        num_traces: int, ahead_tokens: int) -> dict:
@@ -189,7 +195,8 @@ class CacheCoprocessor(nnx.Module):
 
   def augmented_nll(self, originals: dict, tokens: jax.Array, segment_ids: jax.Array,
                     positions: jax.Array, trace_positions: jax.Array, ahead_tokens: int,
-                    with_baseline: bool = False) -> dict[str, jax.Array]:
+                    with_baseline: bool = False,
+                    latent_source_rows: jax.Array | None = None) -> dict[str, jax.Array]:
     """Coprocessor + decoder over all trace groups, reading the originals' cache (see forward_traces)."""
     batch, seq = tokens.shape
     num_traces = trace_positions.shape[1]
@@ -211,6 +218,8 @@ class CacheCoprocessor(nnx.Module):
     latents = self.latents_from_cache(
         cache, visible, latent_positions, cache_size, originals_hidden,
         originals_mask=masks.original_tokens_mask(segment_ids, seq), originals_positions=positions)
+    if latent_source_rows is not None:  # the control: latents computed from another row's cache
+      latents = jnp.take(latents, latent_source_rows, axis=0)
 
     # The decoder again, on [latents, ahead tokens] per trace, reading the same original cache.
     offsets = jnp.arange(1, ahead_tokens + 1)
@@ -256,6 +265,25 @@ class CacheCoprocessor(nnx.Module):
       (cache, key_valid, next_positions, logits): the cache now holds the latents and the last
       token; `logits` `[batch, vocab]` predict the first token after the prompt.
     """
+    cache, key_valid = self.append_latents(cache, key_valid, next_positions)
+    cache_size = key_valid.shape[1]
+    slots = jnp.arange(cache_size)[None, :]
+    # The prompt's last token reads the augmented cache at its own position (the latents take no
+    # positions of their own); its logits start the decoding.
+    length = cache[0]["length"]
+    key_valid = key_valid | (slots == length)
+    out = self.decoder(last_tokens[:, None], positions=next_positions[:, None],
+                       attention_mask=(key_valid & (slots <= length))[:, None, :], cache=cache)
+    return out.cache, key_valid, next_positions + 1, out.logits[:, -1]
+
+  def append_latents(self, cache, key_valid: jax.Array, next_positions: jax.Array):
+    """Appends the latents to a cache holding each prompt but its last token (left-padded rows).
+
+    Args: as `augment_cache`.
+    Returns:
+      (cache, key_valid): the cache with `num_latents` latent entries after the prompt, all at
+      rotary position `next_positions` (the position of the prompt's last token, fed next).
+    """
     batch, cache_size = key_valid.shape
     length = cache[0]["length"]
     num_latents = self.num_latents
@@ -276,13 +304,7 @@ class CacheCoprocessor(nnx.Module):
     cache = self.decoder(embeddings=latents, positions=latent_positions, attention_mask=group_mask,
                          cache=cache, return_logits=False).cache
     key_valid = key_valid | ((slots >= length) & (slots < length + num_latents))
-    # The prompt's last token reads the augmented cache at its own position (the latents take no
-    # positions of their own); its logits start the decoding.
-    length = length + num_latents
-    key_valid = key_valid | (slots == length)
-    out = self.decoder(last_tokens[:, None], positions=next_positions[:, None],
-                       attention_mask=(key_valid & (slots <= length))[:, None, :], cache=cache)
-    return out.cache, key_valid, next_positions + 1, out.logits[:, -1]
+    return cache, key_valid
 
 
 def _appended_group_mask(visible_prefix: jax.Array, start, group_size: int,
@@ -304,8 +326,53 @@ def _augment(model: CacheCoprocessor, state: sampling.PrefillState,
                                next_positions=next_positions)
 
 
+def _feed_teacher_forced(decoder: Decoder, cache, key_valid: jax.Array, next_positions: jax.Array,
+                         inputs: jax.Array) -> jax.Array:
+  """Logits `[batch, M, vocab]` of M tokens fed after what the cache holds (causally, at rotary
+  positions next_positions + 0..M-1)."""
+  cache_size = key_valid.shape[1]
+  length = cache[0]["length"]
+  slots = jnp.arange(cache_size)[None, :]
+  num_inputs = inputs.shape[1]
+  mask = _appended_group_mask(key_valid & (slots < length), length, num_inputs, cache_size)
+  out = decoder(inputs, positions=next_positions[:, None] + jnp.arange(num_inputs)[None, :],
+                attention_mask=mask, cache=cache)
+  return out.logits
+
+
+@nnx.jit
+def _continuation_nll(model: CacheCoprocessor, state: sampling.PrefillState, inputs: jax.Array,
+                      targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  baseline = _feed_teacher_forced(model.decoder, state.cache, state.key_valid, state.next_positions,
+                                  inputs)
+  cache, key_valid = model.append_latents(state.cache, state.key_valid, state.next_positions)
+  augmented = _feed_teacher_forced(model.decoder, cache, key_valid, state.next_positions, inputs)
+  return -token_log_probs(baseline, targets), -token_log_probs(augmented, targets)
+
+
+def continuation_nll(model: CacheCoprocessor, heads: np.ndarray, head_mask: np.ndarray,
+                     inputs: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """Per-token NLL of continuations after prompts, frozen decoder alone and with the cache
+  augmented once at the end of each prompt (the layout of the module docstring).
+
+  Args:
+    heads: `[batch, W]` each prompt but its last token, left-padded (`sampling.pad_prompts`).
+    head_mask: `[batch, W]` bool, True on real tokens.
+    inputs: `[batch, M]` the prompt's last token, then the continuation but its last token
+      (right-padded; what follows a row's end does not change its earlier NLLs).
+    targets: `[batch, M]` the continuation (right-padded).
+  Returns:
+    (baseline_nll, augmented_nll), each `[batch, M]` fp32 (read each row up to its length). Both
+    read the same prefilled cache; the augmented one has the latents appended after it.
+  """
+  max_len = heads.shape[1] + model.num_latents + inputs.shape[1]
+  state = sampling.prefill(model.decoder, jnp.asarray(heads), jnp.asarray(head_mask), max_len)
+  return _continuation_nll(model, state, jnp.asarray(inputs, jnp.int32),
+                           jnp.asarray(targets, jnp.int32))
+
+
 def generate(model: CacheCoprocessor, prompts, *, max_new_tokens: int, augment: bool = True,
-             **sampling_options) -> sampling.GenerateResult:
+             prompt_bucket: int = 16, **sampling_options) -> sampling.GenerateResult:
   """Generates after each prompt, with the cache augmented once at the prompt's end.
 
   The cache is prefilled with each prompt but its last token, the latents are appended, and the last
@@ -316,6 +383,8 @@ def generate(model: CacheCoprocessor, prompts, *, max_new_tokens: int, augment: 
     prompts: token-id lists (any lengths >= 2; left-padded here).
     max_new_tokens: tokens to generate per row.
     augment: False decodes with the unchanged decoder (the coprocessor is optional at inference).
+    prompt_bucket: prompts (without their last token) are left-padded to a multiple of this (a
+      fixed width for every batch compiles the loop once).
     sampling_options: `persona_jax.sampling.decode` options (temperature, top_k, top_p, rng,
       stop_tokens, pad_id).
   """
@@ -329,12 +398,12 @@ def generate(model: CacheCoprocessor, prompts, *, max_new_tokens: int, augment: 
         (eos,) if isinstance(eos, int) else tuple(eos))
   if not augment:
     return sampling.generate(model.decoder, prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                             **sampling_options)
+                             prompt_bucket=prompt_bucket, **sampling_options)
   if any(len(prompt) < 2 for prompt in prompts):
     raise ValueError("coprocessor.generate: augmenting needs prompts of at least 2 tokens (the cache "
                      "holds all but the last, which is fed after the latents).")
   heads, mask = sampling.pad_prompts([prompt[:-1] for prompt in prompts], pad_id=pad_id,
-                                     length_multiple=16)
+                                     length_multiple=prompt_bucket)
   last_tokens = jnp.asarray([prompt[-1] for prompt in prompts], jnp.int32)
   max_len = sampling.round_up(heads.shape[1] + model.num_latents + 1 + max_new_tokens, 64)
   state = sampling.prefill(model.decoder, heads, mask, max_len)
