@@ -133,6 +133,27 @@ def save_peft_adapters(decoder: Decoder, out_dir: str | os.PathLike, names: Sequ
   return {name: out_dir / name for name in names}
 
 
+def set_base_model_name_or_path(directory: str | os.PathLike, base_model_name_or_path: str | None
+                                ) -> list[pathlib.Path]:
+  """Records `base_model_name_or_path` in every adapter_config.json under `directory` (one adapter,
+  a directory of them, or a directory of such directories, as MiLP's `peft/<user>/<memory>/`).
+
+  PEFT's `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` loads the base from this field: a hub
+  id, or a path (PEFT resolves a relative one against the current directory). Returns the configs
+  rewritten.
+  """
+  directory = pathlib.Path(directory).expanduser()
+  configs = sorted(directory.rglob(CONFIG_FILE))
+  for path in configs:
+    try:
+      config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+      raise UserError(f"{path}: invalid JSON ({error}).") from None
+    config["base_model_name_or_path"] = base_model_name_or_path
+    path.write_text(json.dumps(config, indent=2))
+  return configs
+
+
 def adapter_dirs(directory: str | os.PathLike) -> dict[str, pathlib.Path]:
   """{adapter name: directory} of a PEFT adapter directory, or of a directory of them (`out_dir/<name>`).
 
@@ -271,4 +292,4 @@ def peft_model(base_model, directory: str | os.PathLike, names: Sequence[str] | 
 
 
 __all__ = ["CONFIG_FILE", "HF_SUBMODULES", "WEIGHTS_FILE", "adapter_dirs", "load_peft_adapters",
-           "module_name", "peft_model", "save_peft_adapters"]
+           "module_name", "peft_model", "save_peft_adapters", "set_base_model_name_or_path"]
