@@ -12,8 +12,8 @@ included) given the prompt; no generation, one forward pass per batch.
 Text memories in the prompt, capped at `memory_tokens` tokens (the context limit that motivates a
 parameterized memory): memory as prompt (persona facts first, then the most recent history turns)
 and BM25 retrieval as in LaMP (`bm25s`: the user's persona facts and history turns are the documents,
-the held-out prompt is the query, the top-k documents in score order). Whole lines are added in
-order while they fit.
+the held-out prompt is the query, the top-k documents in score order). Lines the prompt already shows
+(its context turns) are left out of both; whole lines are added in order while they fit.
 """
 
 from __future__ import annotations
@@ -59,11 +59,20 @@ def with_memory(lines: Sequence[str], example: tasks.HeldOutExample) -> str:
   return "".join(line + "\n" for line in lines) + example.prompt
 
 
+def _not_in_prompt(lines: Sequence[str], example: tasks.HeldOutExample) -> list[str]:
+  """The memory lines the example's prompt does not already show (its context turns can be the
+  last history turns): a text memory adds only what the prompt lacks."""
+  shown = set(example.prompt.split("\n"))
+  return [line for line in lines if line not in shown]
+
+
 def memory_prompt(user: tasks.User, example: tasks.HeldOutExample, history_turns: int,
                   vocabulary=None, max_tokens: int | None = None) -> str:
-  """Memory as prompt: the persona facts, then the last `history_turns` past turns (most recent kept
-  first when `max_tokens` caps the memory), in their original order before the example's prompt."""
-  history = list(user.history[-history_turns:]) if history_turns > 0 else []
+  """Memory as prompt: the persona facts, then the last `history_turns` past turns not already in the
+  prompt (most recent kept first when `max_tokens` caps the memory), in their original order before
+  the example's prompt."""
+  history = _not_in_prompt(user.history, example)
+  history = history[-history_turns:] if history_turns > 0 else []
   persona = [f"Persona: {fact}" for fact in user.persona]
   if max_tokens is None:
     return with_memory(persona + history, example)
@@ -90,7 +99,7 @@ def bm25_top_k(documents: Sequence[str], query: str, k: int) -> list[str]:
 def retrieval_prompt(user: tasks.User, example: tasks.HeldOutExample, k: int, vocabulary,
                      max_tokens: int) -> str:
   """BM25 baseline (LaMP): the top-`k` memory items for the example's prompt, best first, capped."""
-  retrieved = bm25_top_k(memory_items(user), example.prompt, k)
+  retrieved = bm25_top_k(_not_in_prompt(memory_items(user), example), example.prompt, k)
   return with_memory(capped(retrieved, vocabulary, max_tokens), example)
 
 

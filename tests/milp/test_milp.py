@@ -363,6 +363,9 @@ def test_bm25_retrieval_returns_the_expected_turns_of_a_hand_made_history():
   assert prompt == history[4] + "\n" + history[1] + "\n" + example.prompt
   assert eval_lib.retrieval_prompt(user, example, 2, vocabulary, budget - 1) == (
       history[4] + "\n" + example.prompt)
+  # A turn the prompt already shows (its context) is not retrieved again.
+  shown = tasks.HeldOutExample(prompt=history[4] + "\nUser 1: and the dog Rex?\nUser 2:", response="x")
+  assert eval_lib.retrieval_prompt(user, shown, 1, vocabulary, 1000) == history[1] + "\n" + shown.prompt
   # Memory as prompt under the same cap: persona first, then the most recent turns, in order.
   persona_cost = sum(len(line) + 1 for line in items[:2])
   capped = eval_lib.memory_prompt(user, example, 6, vocabulary, persona_cost + len(history[4]) + 1)
