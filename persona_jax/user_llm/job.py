@@ -204,6 +204,74 @@ def text_prompt_filter(strategy: str):
 
 
 METHODS = ("user_llm", "text_prompt")
+LOADER_FILE = "user_llm_loader.py"
+
+
+def export_user_llm(model: model_lib.UserLLM, output_dir) -> dict[str, str]:
+  """Writes a User-LLM for PyTorch (`hf_loader.py`, copied as `user_llm_loader.py`, runs it):
+
+    decoder/                  the base decoder (LoRA merged, cross-attention layers removed), transformers
+    user_encoder/stack_<k>/   the user encoder's causal transformer(s) as transformers llama models
+    user_llm.safetensors      everything else, named by its nnx path (kernels `[in, out]` as in JAX)
+    user_llm.json             integration, M, cross-attention layers and heads, encoder sizes
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  from persona_jax.hf import save_pretrained  # pylint: disable=g-import-not-at-top
+
+  output_dir = pathlib.Path(output_dir)
+  config = model.decoder.config
+  artifacts = {}
+  if not (output_dir / "decoder").exists():  # the soft-prompt decoder was exported as it is
+    decoder = nnx.clone(model.decoder)
+    for layer in model.cross_attention_layers:
+      decoder.layers[layer].after = None
+    merged = pnn.merge_lora(decoder)
+    save_pretrained(decoder, output_dir / "decoder")
+    artifacts["decoder"] = (f"transformers {config.family} model: the base decoder without the "
+                            f"cross-attention layers {list(model.cross_attention_layers)}"
+                            + (f", {merged} LoRA adapters merged" if merged else ""))
+  encoder = model.user_encoder
+  for k, stack in enumerate(encoder.stacks):
+    as_decoder = pnn.build_decoder(encoder.config.block_config(), seed=0)
+    for block, trained in zip(as_decoder.layers, stack.blocks):
+      nnx.update(block, nnx.state(trained))
+    nnx.update(as_decoder.final_norm, nnx.state(stack.norm))
+    save_pretrained(as_decoder, output_dir / "user_encoder" / f"stack_{k}")
+  artifacts["user_encoder"] = (f"{len(encoder.stacks)} causal transformer(s) of the user encoder as "
+                               "transformers llama models (read through inputs_embeds)")
+  tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = ".".join(str(part) for part in path)
+    in_hook = path[0] == "decoder" and "after" in path
+    if (path[0] == "decoder" and not in_hook) or tuple(path[:2]) == ("user_encoder", "stacks"):
+      continue
+    if "adapters" in path:
+      raise UserError(f"export: {name} is a LoRA adapter outside the decoder's projections, which the "
+                      "User-LLM loader does not read; merge it first.")
+    value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+    tensors[name] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+  save_file(tensors, str(output_dir / "user_llm.safetensors"), metadata={"format": "pt"})
+  heads = {model.decoder.layers[layer].after.attention.num_heads
+           for layer in model.cross_attention_layers}
+  settings = {"integration": model.integration, "num_latents": model.num_latents,
+              "cross_attention_layers": list(model.cross_attention_layers),
+              "cross_attention_heads": heads.pop() if heads else None,
+              "resampler_layers": len(model.resampler.attentions),
+              "embed_dim": config.embed_dim, "scale_embeddings": bool(config.scale_embeddings),
+              "encoder": dict(dataclasses.asdict(encoder.config), num_stacks=len(encoder.stacks))}
+  (output_dir / "user_llm.json").write_text(json.dumps(settings, indent=2))
+  shutil.copyfile(pathlib.Path(__file__).with_name("hf_loader.py"), output_dir / LOADER_FILE)
+  artifacts["user_llm.safetensors"] = (f"{len(tensors)} tensors: user-encoder embeddings, resampler, "
+                                       "projection, gated cross-attention (fp32)")
+  artifacts["user_llm.json"] = "integration, num_latents, cross-attention layers, encoder sizes"
+  artifacts[LOADER_FILE] = "runs the User-LLM with transformers: user_llm_loader.load(dir)"
+  return artifacts
 
 
 @register_method("user_llm")
@@ -428,6 +496,13 @@ class UserLLMMethod(Method):
                                   for reference, generated in shown)
     return Evaluation(metrics=metrics, tables={"eval_table": table},
                       results={"eval_table": {"step": step, "columns": columns, "samples": shown}})
+
+  def export_artifacts(self, model, output_dir) -> dict[str, str]:
+    """The User-LLM for PyTorch (`export_user_llm`); the text-prompt baseline is a plain decoder,
+    exported as `decoder/` by the generic export."""
+    if self.method != "user_llm":
+      return {}
+    return export_user_llm(model, output_dir)
 
   def tokenizer_source(self):
     source = self.source.vocabulary_source()
