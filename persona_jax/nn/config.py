@@ -52,6 +52,15 @@ class DecoderConfig:
       cuDNN flash for bf16/fp16, XLA otherwise; TPU: Pallas splash where the mask is expressible);
       `'einsum'`, `'xla'`, `'cudnn'`, `'pallas'` force one. A kernel that cannot express a call's
       mask falls back to the einsum.
+    scan_layers: run the blocks as one `jax.lax.scan` over their stacked parameters instead of an
+      unrolled Python loop, so the compiled program holds one block body instead of `num_layers`:
+      compile time stops growing with depth (benchmarks/compile_time.py). The parameters stay one
+      module per layer (checkpoints, Hugging Face import/export, LoRA injection and decode-weight
+      quantization are unchanged); they are stacked inside the traced call, which costs one copy of
+      the block weights per forward (and one per backward), so leave it off for decoding. Gemma2
+      scans over pairs of layers (local, global). Layers whose structure differs (e.g. LoRA on some
+      layers only) cannot share one body: the loop is unrolled then (logged once). Equal to the
+      unrolled loop within fp32 round-off (tests/nn/test_scan_layers.py).
   """
 
   family: str
@@ -79,6 +88,7 @@ class DecoderConfig:
   remat: bool = False
   remat_policy: str | None = None
   attention_impl: str = "auto"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -11,6 +11,7 @@ Methods extend it without forking this file:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -158,20 +159,82 @@ class Decoder(nnx.Module):
         valid = jnp.broadcast_to(jnp.arange(max_len) < start + seq, (batch, max_len))
         attention_mask = cache_mask(valid, seq, start)
 
-    new_cache = [] if cache is not None else None
-    for i, block in enumerate(self.layers):
-      layer_cache = cache[i] if cache is not None else None
-      if cfg.remat:
-        policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
-        x, layer_cache = nnx.remat(lambda b, *a: b(*a), policy=policy)(
-            block, x, positions, attention_mask, layer_cache, side_inputs, segment_ids)
-      else:
-        x, layer_cache = block(x, positions, attention_mask, layer_cache, side_inputs, segment_ids)
-      if new_cache is not None:
-        new_cache.append(layer_cache)
+    scanned = self._scan_blocks(x, positions, attention_mask, cache, side_inputs,
+                                segment_ids) if cfg.scan_layers else None
+    if scanned is not None:
+      x, new_cache = scanned
+    else:
+      new_cache = [] if cache is not None else None
+      for i, block in enumerate(self.layers):
+        layer_cache = cache[i] if cache is not None else None
+        if cfg.remat:
+          policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
+          x, layer_cache = nnx.remat(lambda b, *a: b(*a), policy=policy)(
+              block, x, positions, attention_mask, layer_cache, side_inputs, segment_ids)
+        else:
+          x, layer_cache = block(x, positions, attention_mask, layer_cache, side_inputs, segment_ids)
+        if new_cache is not None:
+          new_cache.append(layer_cache)
     logits = self.logits(x) if return_logits else None
     return DecoderOutput(logits=logits, hidden=x,
                          cache=tuple(new_cache) if new_cache is not None else None)
+
+
+  def scan_period(self) -> int:
+    """Layers per scanned step: 2 for gemma2's alternating local/global layers, else 1."""
+    cfg = self.config
+    return 2 if cfg.family == "gemma2" and cfg.sliding_window is not None else 1
+
+  def _scan_blocks(self, x, positions, mask, cache, side_inputs, segment_ids):
+    """The blocks as one `lax.scan` over their stacked states (`DecoderConfig.scan_layers`).
+
+    Returns (x, new_cache) or None when the layers cannot share one body (a depth that is not a
+    multiple of the period, or layers of different structure: the caller unrolls then).
+    """
+    cfg = self.config
+    period, num = self.scan_period(), len(self.layers)
+    if num % period:
+      _log_unrolled_once(f"{num} layers are not a multiple of the scan period {period}")
+      return None
+    splits = [nnx.split(tuple(self.layers[i:i + period])) for i in range(0, num, period)]
+    graphdef = splits[0][0]
+    if any(other != graphdef for other, _ in splits[1:]):
+      _log_unrolled_once("the layers differ in structure (e.g. adapters on some layers only)")
+      return None
+    states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])
+    caches = None
+    if cache is not None:
+      caches = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                            *[tuple(cache[i:i + period]) for i in range(0, num, period)])
+
+    def body(x, inputs):
+      state, group_cache = inputs
+      blocks = nnx.merge(graphdef, state)
+      out_cache = []
+      for j, block in enumerate(blocks):
+        x, layer_cache = block(x, positions, mask, None if group_cache is None else group_cache[j],
+                               side_inputs, segment_ids)
+        out_cache.append(layer_cache)
+      return x, (tuple(out_cache) if group_cache is not None else None)
+
+    if cfg.remat:
+      policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, stacked_cache = jax.lax.scan(body, x, (states, caches))
+    if cache is None:
+      return x, None
+    new_cache = [jax.tree.map(lambda leaf, g=g: leaf[g], stacked_cache)[j]
+                 for g in range(num // period) for j in range(period)]
+    return x, new_cache
+
+
+_UNROLLED_REASONS: set[str] = set()
+
+
+def _log_unrolled_once(reason: str) -> None:
+  if reason not in _UNROLLED_REASONS:
+    _UNROLLED_REASONS.add(reason)
+    logging.warning("DecoderConfig.scan_layers: %s; the layers run unrolled.", reason)
 
 
 def build_decoder(config: DecoderConfig, seed: int = 0) -> Decoder:
