@@ -223,6 +223,7 @@ def plot(rows: list[dict], arms, path: str) -> None:
 
   arms = [a for a in arms if any(r["arm"] == a for r in rows)]
   fig, axes = plt.subplots(1, 4, figsize=(20, 5.2))
+  colors = [plt.cm.tab20(i) for i in (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 7)]
   for ax, metric, title in zip(axes[:3], ("success", "length", "decisive_asked"),
                                ("held-out success", "dialogue length (turns)",
                                 "decisive attributes asked (of 5)")):
@@ -230,20 +231,21 @@ def plot(rows: list[dict], arms, path: str) -> None:
       estimate = across_seeds([r["metrics"][metric] for r in rows if r["arm"] == arm])
       error = [[estimate.value - estimate.low], [estimate.high - estimate.value]]
       ax.errorbar(estimate.value, i, xerr=error if estimate.count > 1 else None, fmt="o",
-                  color=f"C{i % 10}", capsize=3)
+                  color=colors[i % len(colors)], capsize=3)
     ax.set_yticks(range(len(arms)), [LABELS[a] for a in arms] if ax is axes[0] else [""] * len(arms))
     ax.invert_yaxis()
-    ax.set_title(title + " (mean, 95% CI over seeds)")
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
   ax = axes[3]
   for i, arm in enumerate(arms):
     curves = [r["curve"] for r in rows if r["arm"] == arm]
     episodes = [c["episodes"] for c in curves[0]]
     mean = np.mean([[c["success"] for c in curve] for curve in curves], axis=0)
-    ax.plot(episodes, mean, color=f"C{i % 10}", label=LABELS[arm],
+    ax.plot(episodes, mean, color=colors[i % len(colors)], label=LABELS[arm],
             linestyle="--" if "paper" in arm or arm in ("acc", "ent", "info_gain") else "-")
   ax.set_xlabel("training episodes")
-  ax.set_title("training-batch success (mean over seeds)")
+  ax.set_title("training-batch success (mean over seeds)", fontsize=10)
+  fig.suptitle("CURIO discrete actions, held-out users: mean and 95% CI over seeds", fontsize=11)
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   fig.tight_layout()
