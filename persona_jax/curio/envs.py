@@ -488,6 +488,6 @@ class DiscreteDialogues:
     self.turns += live
     self.hit_cap |= ask & (self.turns >= self.turn_cap)
     self.done |= final | self.hit_cap
-    belief = self.beliefs()
-    for b in rows[live]:
-      self.belief_history[b, self.turns[b]:] = belief[b]
+    later = live[:, None] & (np.arange(self.turn_cap + 1)[None, :] >= self.turns[:, None])
+    self.belief_history = np.where(later[..., None], self.beliefs()[:, None, :],
+                                   self.belief_history)
