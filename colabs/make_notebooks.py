@@ -105,7 +105,8 @@ def quickstart() -> nbformat.NotebookNode:
           "    'TrainConfig.num_steps = 4', 'TrainConfig.checkpoint_every = 4', 'TrainConfig.log_every = 1',\n"
           "    'TrainConfig.warmup_steps = 1', 'TrainConfig.learning_rate = 1e-3',\n"
           "]\n"
-          "results = main.run_main(['gin/coprocessor.gin'], bindings, workdir)"),
+          "summary = main.run_main(['gin/coprocessor.gin'], bindings, workdir)  # final_metrics.json\n"
+          "results = summary['evaluation'].results['eval_table']  # also <workdir>/eval_table.json"),
       new_markdown_cell("## 3. The perplexity table and a plot"),
       new_code_cell(
           "from IPython.display import Markdown, display\n"
@@ -145,9 +146,10 @@ def coprocessor() -> nbformat.NotebookNode:
           "         'coprocessor.job.sequence_length = 32', 'coprocessor.job.num_eval_batches = 2']\n"
           "variant_results = {}\n"
           "for variant in ['full', 'lora', 'pause']:\n"
-          "  variant_results[variant] = main.run_main(\n"
+          "  summary = main.run_main(\n"
           "      ['gin/coprocessor_smoke.gin'], SMOKE + [f\"coprocessor.job.variant = '{variant}'\"],\n"
-          "      os.path.join(root, variant))"),
+          "      os.path.join(root, variant))\n"
+          "  variant_results[variant] = summary['evaluation'].results['eval_table']"),
       new_code_cell(
           "from IPython.display import Markdown, display\n\n"
           "rows = ['| variant | ' + ' | '.join(f'pos {i + 1}' for i in range(4)) + ' |',\n"
@@ -171,14 +173,18 @@ def coprocessor() -> nbformat.NotebookNode:
           "2-layer model trained for 10 steps writes gibberish; the point is the call.)"),
       new_code_cell(
           "from persona_jax import coprocessor, data\n"
-          "from persona_jax.coprocessor.train import build_job\n"
+          "from persona_jax.coprocessor.job import Coprocessor\n"
+          "from persona_jax.train import TrainConfig\n"
+          "from persona_jax.train.method import Run\n"
           "import gin\n\n"
+          "# The method of the 'full' run, rebuilt from the same bindings, its trained parameters restored.\n"
           "gin.clear_config()\n"
           "main.parse_gin(['gin/coprocessor_smoke.gin'], SMOKE + [\"coprocessor.job.variant = 'full'\"])\n"
           "with gin.unlock_config():\n"
-          "  job = build_job(os.path.join(root, 'full'))\n"
-          "job.trainer.restore()\n"
-          "model = job.trainer.model()\n"
+          "  method = Coprocessor()\n"
+          "  method.setup(os.path.join(root, 'full'))\n"
+          "  model, step = method.restore(Run(workdir=os.path.join(root, 'full'), config=TrainConfig()))\n"
+          "print('restored step', step, '|', method.description())\n"
           "vocabulary = data.get_vocabulary('bytes')\n"
           "prompt = list(vocabulary.encode('ROMEO:\\nWhat light'))\n"
           "for augment in (False, True):\n"
