@@ -92,6 +92,9 @@ def test_pretrain_end_to_end_loss_goes_down(tmp_path):
   assert "run.job = @train" in config and "run.method = 'pretrain'" in config
   assert "TrainConfig.num_steps = 30" in config
   assert "pretrain.job.sequence_length = 64" in config  # operative: what the job actually used
+  # The decoder comes from the one DecoderSource the gin file binds (no per-method model bindings).
+  assert "DecoderSource.preset = 'tiny_llama'" in config
+  assert "DecoderSource.vocabulary = 'bytes'" in config
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]
 
