@@ -16,6 +16,8 @@ The first step's loss of both sides is printed as a check that they compute the 
 Run from the repository root:
   python -m benchmarks.train_step
   python -m benchmarks.train_step --batch 4 --seq 256 --reps 5 --warmup 2
+  python -m benchmarks.train_step --loss_chunk_tokens 256   # the fused, chunked logits + loss
+  python -m benchmarks.train_step --skip_torch --layers 4   # persona_jax only (quick A/B)
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--reps", type=int, default=3, help="timed steps per side (median)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation)")
   parser.add_argument("--matmul_size", type=int, default=2048)
+  parser.add_argument("--loss_chunk_tokens", type=int, default=None,
+                      help="DecoderConfig.loss_chunk_tokens (fused chunked output projection + loss)")
+  parser.add_argument("--scan_layers", action="store_true", help="DecoderConfig.scan_layers")
+  parser.add_argument("--remat_policy", default=None, help="DecoderConfig.remat with this policy")
+  parser.add_argument("--layers", type=int, default=None, help="fewer layers than SmolLM2's 30")
+  parser.add_argument("--skip_torch", action="store_true", help="time persona_jax only")
   return parser.parse_args()
 
 
@@ -101,7 +109,10 @@ def main():
   args = parse_args()
   import torch  # pylint: disable=g-import-not-at-top
 
-  config = pnn.get_config("smollm2_135m")
+  overrides = {}
+  if args.layers:
+    overrides["num_layers"] = args.layers
+  config = pnn.get_config("smollm2_135m", **overrides)
   num_params = config.num_params()
   tokens = args.batch * args.seq
   batch = make_batch(args.batch, args.seq, config.vocab_size)
@@ -110,9 +121,17 @@ def main():
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
 
   decoder = pnn.build_decoder(config, seed=0)
-  with tempfile.TemporaryDirectory() as tmp:
-    model_dir = save_pretrained(decoder, os.path.join(tmp, "smollm2_random"))
-    torch_fn, torch_loss = torch_step(str(model_dir), batch)
+  if args.skip_torch:
+    torch_fn, torch_loss = (lambda: None), float("nan")
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      model_dir = save_pretrained(decoder, os.path.join(tmp, "smollm2_random"))
+      torch_fn, torch_loss = torch_step(str(model_dir), batch)
+  # Training-speed switches change how the step computes, not the parameters (same seed).
+  decoder.config = config.replace(loss_chunk_tokens=args.loss_chunk_tokens, scan_layers=args.scan_layers,
+                                  remat=args.remat_policy is not None, remat_policy=args.remat_policy)
+  print(f"step switches: loss_chunk_tokens={args.loss_chunk_tokens}, scan_layers={args.scan_layers}, "
+        f"remat_policy={args.remat_policy}", flush=True)
   jax_fn, jax_loss = persona_jax_step(decoder, batch)
   del decoder
   print(f"first-step loss: persona_jax {jax_loss:.5f}, torch {torch_loss:.5f}", flush=True)
@@ -128,18 +147,21 @@ def main():
   jax_seconds, torch_seconds = float(np.median(jax_times)), float(np.median(torch_times))
 
   peak_jax = measure_matmul_peak_flops("jax", size=args.matmul_size)
-  peak_torch = measure_matmul_peak_flops("torch", size=args.matmul_size)
+  peak_torch = 0.0 if args.skip_torch else measure_matmul_peak_flops("torch", size=args.matmul_size)
   peak = max(peak_jax, peak_torch)
   flops_per_step = 6.0 * num_params * tokens
   rows = []
-  for name, seconds in (("persona_jax (jit, optax AdamW)", jax_seconds),
-                        ("transformers + torch.optim.AdamW", torch_seconds)):
+  sides = [("persona_jax (jit, optax AdamW)", jax_seconds)]
+  if not args.skip_torch:
+    sides.append(("transformers + torch.optim.AdamW", torch_seconds))
+  for name, seconds in sides:
     rows.append([name, f"{seconds * 1e3:,.0f}", f"{tokens / seconds:,.0f}",
                  f"{flops_per_step / seconds / 1e9:,.1f}", f"{100 * flops_per_step / seconds / peak:.1f}%"])
   print()
   print(markdown_table(["framework", "ms / step", "tokens/s", "model GFLOP/s (6NT)", "MFU"], rows))
   print()
-  print(f"speed ratio persona_jax / torch: {torch_seconds / jax_seconds:.2f}x")
+  if not args.skip_torch:
+    print(f"speed ratio persona_jax / torch: {torch_seconds / jax_seconds:.2f}x")
   print(f"matmul peak ({args.matmul_size}^2 fp32): jax {peak_jax / 1e9:,.1f} GFLOP/s, "
         f"torch {peak_torch / 1e9:,.1f} GFLOP/s (MFU uses the larger)")
   print(f"per-step times (s): persona_jax {[round(t, 3) for t in jax_times]}, "

@@ -20,6 +20,10 @@ from flax import nnx
 from persona_jax.errors import UserError
 from persona_jax.nn.config import DecoderConfig
 from persona_jax.nn.layers import Linear, apply_rope, rope_frequencies
+from persona_jax.nn.sharding import with_logical_constraint
+
+_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", None)
 
 _MASKED = -2.3819763e38  # large negative that stays finite in fp32 (a fully masked row gives no NaN)
 
@@ -225,7 +229,7 @@ class Attention(nnx.Module):
     k = self.k_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     k = apply_rope(k, positions, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    return k, v
+    return with_logical_constraint(k, _KV_HEADS), with_logical_constraint(v, _KV_HEADS)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: dict | None = None, segment_ids: jax.Array | None = None
@@ -245,6 +249,7 @@ class Attention(nnx.Module):
     batch, seq, _ = x.shape
     q = self.q_proj(x).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
     q = apply_rope(q, positions, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    q = with_logical_constraint(q, _HEADS)
     k, v = self.project_kv(x, positions)
 
     if cache is not None:
@@ -277,4 +282,5 @@ class Attention(nnx.Module):
     if out is None:  # the reference; every kernel above equals it (tests/nn/test_attention_impls.py)
       out = einsum_attention(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap)
     out = out.reshape(batch, seq, cfg.num_heads * cfg.head_dim)
+    out = with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads"))
     return self.o_proj(out), cache

@@ -61,6 +61,12 @@ class DecoderConfig:
       scans over pairs of layers (local, global). Layers whose structure differs (e.g. LoRA on some
       layers only) cannot share one body: the loop is unrolled then (logged once). Equal to the
       unrolled loop within fp32 round-off (tests/nn/test_scan_layers.py).
+    loss_chunk_tokens: None (default) trains on the full `[tokens, vocab]` fp32 logits (the
+      reference). An int: the training cross-entropy (`persona_jax.train.losses.lm_loss` /
+      `decoder_cross_entropy`) fuses the output projection with the loss over that many tokens at a
+      time, with a hand-written backward that never stores or transposes the logits' gradient
+      (faster and far less memory with a large vocabulary; equal to the reference within fp32
+      round-off, not bit-identical, hence opt-in; e.g. 256).
   """
 
   family: str
@@ -89,6 +95,7 @@ class DecoderConfig:
   remat_policy: str | None = None
   attention_impl: str = "auto"
   scan_layers: bool = False
+  loss_chunk_tokens: int | None = None
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -106,6 +113,10 @@ class DecoderConfig:
       raise UserError(f"DecoderConfig.remat_policy={self.remat_policy!r} is not a "
                        "jax.checkpoint_policies name (e.g. 'nothing_saveable', "
                        "'dots_with_no_batch_dims_saveable').")
+    if self.loss_chunk_tokens is not None and (not isinstance(self.loss_chunk_tokens, int)
+                                               or self.loss_chunk_tokens <= 0):
+      raise UserError(f"DecoderConfig.loss_chunk_tokens={self.loss_chunk_tokens!r}: use None or a "
+                       "positive number of tokens per chunk (e.g. 256).")
     if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static argument)
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if isinstance(self.eos_token_id, list):

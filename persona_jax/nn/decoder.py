@@ -22,6 +22,7 @@ from persona_jax.errors import UserError
 from persona_jax.nn.attention import Attention, causal_mask, cache_mask, segment_causal_mask
 from persona_jax.nn.config import DecoderConfig
 from persona_jax.nn.layers import GatedMLP, RMSNorm, logical_param
+from persona_jax.nn.sharding import BATCH_LENGTH_EMBED, with_logical_constraint
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class Block(nnx.Module):
     x = x + h
     if self.after is not None:
       x = self.after(x, **(side_inputs or {}))
-    return x, cache
+    return with_logical_constraint(x, BATCH_LENGTH_EMBED), cache
 
 
 class Decoder(nnx.Module):
@@ -112,6 +113,9 @@ class Decoder(nnx.Module):
       logits = logits * vocab_scale[...].reshape(-1).astype(jnp.float32)
     if cfg.final_logit_softcap is not None:
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    if logits.ndim == 3:
+      logits = with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                                "activation_vocab"))
     return logits
 
   def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
@@ -142,6 +146,7 @@ class Decoder(nnx.Module):
     x = self.embed(tokens) if embeddings is None else embeddings.astype(cfg.compute_dtype)
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.embed_dim ** 0.5, x.dtype)
+    x = with_logical_constraint(x, BATCH_LENGTH_EMBED)
     batch, seq = x.shape[:2]
     start = cache[0]["length"] if cache is not None else 0
     if positions is None:

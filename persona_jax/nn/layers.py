@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persona_jax.errors import UserError
+from persona_jax.nn.sharding import with_logical_constraint
 
 
 def logical_param(value: jax.Array, axes: Sequence[str | None], kind=nnx.Param) -> nnx.Variable:
@@ -164,4 +165,7 @@ class GatedMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     act = activation_fn(self.activation)
-    return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+    hidden = act(self.gate_proj(x)) * self.up_proj(x)
+    if hidden.ndim == 3:
+      hidden = with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    return self.down_proj(hidden)

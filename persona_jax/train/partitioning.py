@@ -39,6 +39,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),  # MLP hidden width
     ("norm", None),  # norm scales are tiny: replicate
     ("seq", None),
+    # Activations (`persona_jax.nn.sharding.with_logical_constraint`, applied by the trainer's trace
+    # through `activation_sharding`): examples over the data-parallel axes, heads / MLP width /
+    # vocabulary over `tensor`; the residual width and the length stay whole on each device.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", "data"),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 logger = logging.getLogger(__name__)
@@ -146,6 +157,17 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
         break
     spec.append(chosen)
   return PartitionSpec(*spec)
+
+
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
+  """Context manager: while tracing inside it, the model's `with_logical_constraint` calls constrain
+  activations on `mesh` through `rules` (a dim that does not divide is replicated, as for
+  parameters). On a one-device mesh it changes nothing."""
+  from persona_jax.nn import sharding  # pylint: disable=g-import-not-at-top
+
+  rules = tuple(rules)
+  return sharding.logical_constraints(
+      mesh, lambda axes, shape: logical_to_spec(axes, shape, mesh, rules, name="activation"))
 
 
 def _variable_axes(variable: nnx.Variable) -> tuple | None:

@@ -364,7 +364,9 @@ class Trainer:
       dtype = jnp.dtype(self.config.compute_dtype)
       params = _cast_floating(params, dtype)  # the frozen base is stored in this dtype already
     model = nnx.merge(self.graphdef, params, frozen)
-    loss, metrics = self.loss_fn(model, batch, rng)
+    # Activations named by the model (nn/sharding.py) are constrained on a multi-device mesh only.
+    with partitioning.activation_sharding(self.mesh, self.rules):
+      loss, metrics = self.loss_fn(model, batch, rng)
     return loss.astype(jnp.float32), metrics
 
   def _train_step(self, state: TrainState, frozen, batch):

@@ -77,3 +77,44 @@ def test_two_processes_train_to_the_same_loss_as_one(subprocess_env, tmp_path):
     for mode in ("global", "process_local"):
       assert len(losses[mode]) == 3
       assert losses[mode] == pytest.approx(reference["global"], abs=1e-5), (i, mode)
+
+
+def test_activation_constraint_is_a_no_op_outside_a_mesh():
+  import jax.numpy as jnp
+  from persona_jax.nn.sharding import with_logical_constraint
+  x = jnp.ones((2, 3, 4))
+  assert with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed")) is x
+  with partitioning.activation_sharding(partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+    assert with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed")) is x
+
+
+def test_activation_rules_map_names_like_maxtext():
+  mesh = _abstract_mesh(2, 2, 2)
+  rules = partitioning.LOGICAL_AXIS_RULES
+  spec = lambda axes, shape: partitioning.logical_to_spec(axes, shape, mesh, rules)
+  assert spec(("activation_batch", "activation_length", "activation_embed"), (8, 16, 64)) == \
+      PartitionSpec(("data", "fsdp"), None, None)
+  assert spec(("activation_batch", "activation_length", "activation_heads", None), (2, 16, 4, 16)) == \
+      PartitionSpec("data", None, "tensor", None)
+  # SmolLM2's 3 kv heads do not split over tensor=2: replicated, as for parameters.
+  assert spec(("activation_batch", "activation_length", "activation_kv_heads", None), (8, 16, 3, 64)) == \
+      PartitionSpec(("data", "fsdp"), None, None, None)
+
+
+@pytest.mark.slow
+def test_activation_constraints_on_8_devices_keep_the_step(run_script):
+  """The trainer's trace constrains activations by logical name on a (2, 2, 2) mesh (none on one
+  device), and the sharded step still equals the one-device step (unrolled, scanned, fused loss)."""
+  out = json.loads(run_script("activation_sharding_script.py", timeout=900).stdout.strip().splitlines()[-1])
+  assert out["specs_single"] == []
+  specs = out["specs_sharded"]
+  layers = 2  # tiny_llama
+  # Per layer: block output, q, k, v, attention output, MLP hidden; plus embeddings and logits.
+  assert len(specs) == 6 * layers + 2, specs
+  assert specs.count("P(('data', 'fsdp'), None, None)") == layers + 1  # residual stream
+  assert specs.count("P(('data', 'fsdp'), None, 'tensor', None)") == 3 * layers  # q, k, v heads
+  assert specs.count("P(('data', 'fsdp'), None, 'tensor')") == 2 * layers + 1  # attn out, mlp, vocab
+  assert set(out["specs_scanned"]) == set(specs)  # the scan body carries the same constraints
+  for name in ("unrolled", "scanned", "fused_loss"):
+    assert abs(out[name]["loss_single"] - out[name]["loss_sharded"]) < 1e-5, (name, out[name])
+    assert out[name]["param_diff"] < 1e-5, (name, out[name])
