@@ -43,7 +43,9 @@ def plot(summary: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+  partial = "results" not in summary  # --trace_only: the trials logged so far, no test table yet
+  figure, axes = plt.subplots(1, 1 if partial else 2, figsize=(6.5 if partial else 12, 4.2))
+  left, right = (axes, None) if partial else axes
   minimize = summary["objective"] == "loss"
   for (name, entry), color in zip(summary["searches"].items(), ("C0", "C1", "C2")):
     scored = [r for r in entry["trials"] if r["feasible"]]
@@ -59,6 +61,11 @@ def plot(summary: dict, path: str) -> None:
   left.set_ylabel(f"dev {summary['objective']}" + (" (nats/token)" if minimize else ""))
   left.set_title(f"searches on {len(summary['dev_users'])} dev users")
   left.legend(fontsize=8)
+  if partial:
+    left.set_title(f"searches on {len(summary['dev_users'])} dev users (trials logged so far)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return
   systems = [s for s in eval_lib.SYSTEMS if s in summary["results"]]
   values = [summary["results"][s]["loss"] for s in systems]
   xs = range(len(systems))
@@ -70,6 +77,50 @@ def plot(summary: dict, path: str) -> None:
   right.set_title(f"{len(summary['test_users'])} test users of {summary['dataset']} (95% CI)")
   figure.tight_layout()
   figure.savefig(path, dpi=110)
+
+
+def training_free(args, started: float) -> None:
+  """The systems that train nothing, scored by the teacher-forced loss of the test users' held-out
+  responses (the method's own prompts and `response_losses`), with 95% CIs and paired differences."""
+  from persona_jax.milp.job import Milp  # pylint: disable=g-import-not-at-top
+  method = Milp()
+  method.setup(args.workdir)
+  users = method.test_users
+  examples = [(u, ex) for u in users for ex in u.held_out]
+  prompts = {
+      "no_memory": [ex.prompt for _, ex in examples],
+      "memory_as_prompt": [eval_lib.memory_prompt(u, ex, method.prompt_history_turns, method.vocabulary,
+                                                  method.memory_prompt_tokens) for u, ex in examples],
+      "bm25_retrieval": [eval_lib.retrieval_prompt(u, ex, method.retrieval_top_k, method.vocabulary,
+                                                   method.memory_prompt_tokens) for u, ex in examples]}
+  rows = []
+  for system, system_prompts in prompts.items():
+    losses = method.response_losses(method.base, system_prompts, [ex.response for _, ex in examples])
+    rows += [{"system": system, "user_id": u.user_id, "prompt": p, "reference": ex.response,
+              "loss": loss} for (u, ex), p, loss in zip(examples, system_prompts, losses)]
+  by_system = {}
+  for row in rows:
+    by_system.setdefault(row["system"], []).append(row["loss"])
+  from persona_jax.evaluation import stats  # pylint: disable=g-import-not-at-top
+  lines = [f"| system | loss (nats/token) [95% CI] | Δ vs no memory [95% CI], p | examples |",
+           "|---|---|---|---|"]
+  summary = {}
+  for system, values in by_system.items():
+    mean = stats.mean_ci(values)
+    diff = (stats.paired_difference(values, by_system["no_memory"]) if system != "no_memory" else None)
+    summary[system] = {"loss": mean.as_dict(), "loss_vs_no_memory": diff and diff.as_dict()}
+    shown = "-" if diff is None else f"{diff.format(3)} p={diff.p_value:.3f}"
+    lines.append(f"| {system} | {mean.format(3)} | {shown} | {len(values)} |")
+  text = "\n".join(lines) + "\n"
+  record = {"summary": summary, "rows": rows, "test_users": [u.user_id for u in users],
+            "seconds": round(time.time() - started, 1),
+            "command": "python -m benchmarks.milp_eval " + " ".join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+  with open(args.out + "_training_free.json", "w") as f:
+    json.dump(record, f, indent=2)
+  with open(args.out + "_training_free.md", "w") as f:
+    f.write(text)
+  print(text, f"{record['seconds']} s", flush=True)
 
 
 def main():
@@ -84,6 +135,11 @@ def main():
   parser.add_argument("--num_steps", type=int, default=30, help="memory training steps per user")
   parser.add_argument("--batch_size", type=int, default=4, help="rows per memory training step")
   parser.add_argument("--sequence_length", type=int, default=128)
+  parser.add_argument("--training_free", action="store_true",
+                      help="only the systems that train nothing (no memory, memory as prompt, BM25), "
+                           "teacher-forced loss only (no generation): <out>_training_free.{json,md}")
+  parser.add_argument("--trace_only", action="store_true",
+                      help="only plot the trials logged so far in --workdir (a run still going)")
   parser.add_argument("--fresh", action="store_true",
                       help="remove an earlier MiLP run's outputs in --workdir first (default: resume)")
   parser.add_argument("--max_new_tokens", type=int, default=16)
@@ -93,6 +149,22 @@ def main():
   parser.add_argument("--plot", default=None, help="default docs/milp_search_trace.png ('' for none)")
   args = parser.parse_args()
 
+  if args.trace_only:
+    searches, settings = {}, {}
+    for name, where in SEARCHES.items():
+      log = os.path.join(args.workdir, where.log)
+      trials = ([json.loads(line) for line in open(log) if line.strip()]
+                if os.path.exists(log) else [])
+      searches[name] = {"trials": trials}
+      if os.path.exists(os.path.join(args.workdir, where.settings)):
+        with open(os.path.join(args.workdir, where.settings)) as f:
+          settings = json.load(f)
+    plot({"searches": searches, "objective": settings["objective"],
+          "dev_users": settings["dev_users"]},
+         os.path.join(REPO, "docs", "milp_search_trace.png") if args.plot is None else args.plot)
+    for name, entry in searches.items():
+      print(f"{name}:\n" + eval_lib.trial_table(entry["trials"]), flush=True)
+    return
   # --fresh: a new search, not a continuation (the job resumes whatever the workdir holds): remove
   # what an earlier MiLP run wrote there, and nothing else.
   os.makedirs(args.workdir, exist_ok=True)
@@ -121,6 +193,9 @@ def main():
               "TrainConfig.async_checkpointing = False"]
   gin.parse_config_files_and_bindings([args.gin_file], bindings)
   started = time.time()
+  if args.training_free:
+    training_free(args, started)
+    return
   result = jobs.run(args.workdir)
   summary = dict(result["evaluation"].results["results"])
   summary["examples"] = result["evaluation"].examples
