@@ -36,6 +36,7 @@ setup(
         "rouge-score>=0.1.2",  # ROUGE-L / ROUGE-Lsum metrics (User-LLM, MiLP)
         "optuna>=3.6",  # MiLP's Bayesian layout search (GP sampler)
         "qwix>=0.1.8",  # int8 weight-only decoding (persona_jax.nn.quantization)
+        "bm25s>=0.3.16",  # MiLP's BM25 retrieval baseline (numpy only)
     ],
     extras_require={
         # Parity and round-trip tests compare against the PyTorch reference implementations.
