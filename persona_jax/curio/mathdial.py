@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from persona_jax.curio import envs
+from persona_jax.data import user_histories
 from persona_jax.errors import UserError
 
 DEFAULT_PATH = "../shared/data/dialogue/mathdial/test.jsonl"
@@ -184,13 +185,7 @@ def read_mathdial(path: str | os.PathLike = DEFAULT_PATH, *, on_bad_row: str = "
         dialogues.append(_row(line, where))
       except ValueError as error:
         bad.append(str(error))
-  if bad:
-    listed = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more." if len(bad) > 20 else "")
-    if on_bad_row == "error":
-      more = f"\n({len(bad)} bad rows of {num_rows} in {path}:\n{listed})" if len(bad) > 1 else ""
-      raise UserError(bad[0] + more)
-    print(f"mathdial: skipped {len(bad)} bad row(s) of {num_rows} in {path} (on_bad_row='skip'):"
-          f"\n{listed}", flush=True)
+  user_histories.report_bad_rows(bad, num_rows, path, on_bad_row, reader="mathdial")
   return dialogues
 
 

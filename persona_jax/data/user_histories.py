@@ -397,14 +397,22 @@ def read_amazon_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error") -> 
         continue
       first_line_of[key] = line_number
       users.append(user)
-  if bad:
-    listed = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more." if len(bad) > 20 else "")
-    if on_bad_row == "error":
-      more = f"\n({len(bad)} bad rows of {num_rows} in {path}:\n{listed})" if len(bad) > 1 else ""
-      raise UserError(bad[0] + more)
-    print(f"user_histories: skipped {len(bad)} bad row(s) of {num_rows} in {path} "
-          f"(on_bad_row='skip'):\n{listed}", flush=True)
+  report_bad_rows(bad, num_rows, path, on_bad_row, reader="user_histories")
   return users
+
+
+def report_bad_rows(bad: Sequence[str], num_rows: int, path, on_bad_row: str, *, reader: str) -> None:
+  """The readers' one rule for bad rows (each message already names `file:line`): with
+  `on_bad_row='error'` raise a `UserError` that starts with the first and lists up to 20; with
+  'skip' print how many of how many rows were skipped, and which. Never a silent skip."""
+  if not bad:
+    return
+  listed = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more." if len(bad) > 20 else "")
+  if on_bad_row == "error":
+    more = f"\n({len(bad)} bad rows of {num_rows} in {path}:\n{listed})" if len(bad) > 1 else ""
+    raise UserError(bad[0] + more)
+  print(f"{reader}: skipped {len(bad)} bad row(s) of {num_rows} in {path} "
+        f"(on_bad_row='skip'):\n{listed}", flush=True)
 
 
 def _amazon_row(line: str, where: str) -> UserHistory:

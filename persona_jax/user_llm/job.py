@@ -81,9 +81,28 @@ def encoder_loss(model: model_lib.UserEncoder, batch: dict, rng: jax.Array):
   return model_lib.next_item_loss(model, batch)
 
 
+class _UntrainedColumn(Method):
+  """Scores the model before training too (the table's "untrained" column): before `fit`, or on a
+  clone taken before `restore` loads the trained weights. Subclasses define `_metrics(model)`."""
+
+  evaluate_untrained: bool = True
+  _untrained: dict[str, float] | None = None
+  _untrained_model: nnx.Module | None = None
+
+  def fit(self, run: Run) -> FitResult:
+    if self.evaluate_untrained:
+      self._untrained = self._metrics(self.model())
+    return super().fit(run)
+
+  def restore(self, run: Run):
+    if self.evaluate_untrained:
+      self._untrained_model = nnx.clone(self.model())
+    return super().restore(run)
+
+
 @register_method("user_encoder")
 @gin.configurable("encoder_job", module="user_llm")
-class UserEncoderPretraining(Method):
+class UserEncoderPretraining(_UntrainedColumn):
   """Stage 1: the user encoder, trained by next-item prediction on every training user's sequence.
 
   Args:
@@ -145,15 +164,6 @@ class UserEncoderPretraining(Method):
   def _metrics(self, model) -> dict[str, float]:
     return mean_loss_metrics(model, encoder_loss, self.eval_batches(), self.num_eval_batches)
 
-  def fit(self, run: Run) -> FitResult:
-    if self.evaluate_untrained:
-      self._untrained = self._metrics(self.model())
-    return super().fit(run)
-
-  def restore(self, run: Run):
-    if self.evaluate_untrained:
-      self._untrained_model = nnx.clone(self.model())
-    return super().restore(run)
 
   def periodic_metrics(self, model, step):
     return self._metrics(model)
@@ -276,7 +286,7 @@ def export_user_llm(model: model_lib.UserLLM, output_dir) -> dict[str, str]:
 
 @register_method("user_llm")
 @gin.configurable("job", module="user_llm")
-class UserLLMMethod(Method):
+class UserLLMMethod(_UntrainedColumn):
   """Stage 2: the User-LLM (method='user_llm') or the text-prompt baseline (method='text_prompt').
 
   Args:
@@ -446,15 +456,6 @@ class UserLLMMethod(Method):
   def eval_batches(self):
     return self.batches("test", train=False)
 
-  def fit(self, run: Run) -> FitResult:
-    if self.evaluate_untrained:
-      self._untrained = self._metrics(self.model())
-    return super().fit(run)
-
-  def restore(self, run: Run):
-    if self.evaluate_untrained:
-      self._untrained_model = nnx.clone(self.model())
-    return super().restore(run)
 
   # Evaluation -------------------------------------------------------------------------------------
   def _metrics(self, model, samples: list | None = None) -> dict[str, float]:
